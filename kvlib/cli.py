@@ -1,0 +1,142 @@
+"""Command line: `python -m kvlib evaluate|grid|plot|presses|tiny-model`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import fields
+
+from kvlib import data, study
+from kvlib.presses import list_presses
+
+
+def _protocol_flags(parser: argparse.ArgumentParser) -> None:
+    defaults = {f.name: f.default for f in fields(study.Settings) if not callable(f.default_factory)}
+    add = parser.add_argument
+    add("--model", default=defaults["model"], help="hub id, local directory, .gguf file, or 'smollm2' (bundled GGUF)")
+    add("--dataset", default="wikitext", choices=[*data.DATASETS, "all"], help="evaluation text (all = every dataset)")
+    add("--max_length", type=int, default=defaults["max_length"], help="tokens per window; also the latency prompt")
+    add(
+        "--prefix_ratio",
+        type=float,
+        default=0.5,
+        help="fraction of a window prefilled (and compressed) before the suffix is scored",
+    )
+    add(
+        "--max_samples",
+        type=int,
+        default=defaults["max_samples"],
+        help="cap on the number of windows taken from the dataset",
+    )
+    add("--n_ppl", type=int, default=defaults["n_ppl"], help="windows scored for perplexity (the first n_ppl)")
+    add("--n_timing", type=int, default=defaults["n_timing"], help="measured generation runs (after warmup)")
+    add("--warmup_times", type=int, default=defaults["warmup_times"], help="generation runs discarded before timing")
+    add(
+        "--gen_tokens",
+        type=int,
+        default=defaults["gen_tokens"],
+        help="tokens generated greedily per timed run (no early stop)",
+    )
+    add(
+        "--data_dir",
+        default=None,
+        help="local text laid out like ../shared/data (default: $KVLIB_DATA_DIR, else the hub)",
+    )
+    add("--pg19_max_chars", type=int, default=defaults["pg19_max_chars"], help="characters of PG-19 read (streamed)")
+    add("--seed", type=int, default=0, help="seed of the random press and of the bootstrap")
+    add("--device", default=None, help="cuda, cuda:1, cpu ... (default: CUDA when present)")
+    add(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="default: float32 on CPU, bf16 on CUDA",
+    )
+    add("--output_dir", default="./results", help="where result files go")
+    add(
+        "--press_options",
+        type=json.loads,
+        default={},
+        help='per-press options as JSON, e.g. \'{"snapkv": {"window_size": 32}}\'',
+    )
+
+
+def _settings(args: argparse.Namespace) -> study.Settings:
+    names = {f.name for f in fields(study.Settings)}
+    return study.Settings(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvlib", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    evaluate = commands.add_parser("evaluate", help="one method at one ratio (and the baseline it is compared with)")
+    _protocol_flags(evaluate)
+    evaluate.add_argument("--method", required=True, help=f"press name: {', '.join(list_presses())}")
+    evaluate.add_argument(
+        "--compression_ratio", type=float, required=True, help="fraction of prefix KV pairs removed, in [0, 1)"
+    )
+
+    grid = commands.add_parser("grid", help="the baseline, then every method x ratio")
+    _protocol_flags(grid)
+    grid.add_argument("--methods", nargs="+", default=list(study.DEFAULT_METHODS), help="press names")
+    grid.add_argument("--ratios", nargs="+", type=float, default=list(study.DEFAULT_RATIOS), help="compression ratios")
+
+    for command in (evaluate, grid):
+        command.add_argument(
+            "--kinds", nargs="+", default=list(study.KINDS), choices=study.KINDS, help="measurements to run"
+        )
+
+    plot = commands.add_parser("plot", help="PNG charts of a metrics CSV")
+    plot.add_argument("--csv", required=True, help="results/<model>_<dataset>_kv_metrics.csv")
+    plot.add_argument(
+        "--time_metric",
+        default="tpot",
+        help="prefill_time, ttft, tpot, throughput, total_generation_time or decode_time",
+    )
+
+    commands.add_parser("presses", help="list the presses and their options")
+
+    tiny = commands.add_parser("tiny-model", help="write a tiny random GPT-NeoX model (for smoke runs)")
+    tiny.add_argument("--output", required=True, help="directory to write it to")
+
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "presses":
+        for name, options in list_presses().items():
+            print(f"{name:14s} {json.dumps(options)}")
+        return 0
+    if args.command == "plot":
+        from kvlib.plots import save_pngs
+
+        for path in save_pngs(args.csv, args.time_metric):
+            print(path)
+        return 0
+    if args.command == "tiny-model":
+        from kvlib.models import write_tiny_model
+
+        print(write_tiny_model(args.output))
+        return 0
+    settings = _settings(args)
+    if args.command == "evaluate":
+        methods, ratios = [args.method], [args.compression_ratio]
+    else:
+        methods, ratios = args.methods, args.ratios
+    started = time.perf_counter()
+    written = study.run(settings, methods, ratios, args.kinds, log=_log)
+    _log(f"done in {time.perf_counter() - started:.1f} s")
+    for path in written:
+        print(path)
+    return 0

@@ -1,0 +1,7 @@
+"""KV-cache presses. Importing this package registers every built-in press."""
+
+from kvlib.presses import knorm, lagkv, no_press, random, snapkv, streaming_llm  # noqa: F401  (registration)
+from kvlib.presses.base import Press, PressReport, n_kept
+from kvlib.presses.registry import PRESSES, check_press_name, list_presses, load_press, register
+
+__all__ = ["PRESSES", "Press", "PressReport", "check_press_name", "list_presses", "load_press", "n_kept", "register"]
