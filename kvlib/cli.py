@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("presses", help="list the presses and their options")
 
+    whole = commands.add_parser("study", help="the whole study: notebooks via papermill, analysis, report")
+    whole.add_argument("--preset", default="default", choices=["default", "offline", "smoke"], help="which study")
+    whole.add_argument("--output_dir", default=None, help="default: results (results/smoke for the smoke preset)")
+
     tiny = commands.add_parser("tiny-model", help="write a tiny random GPT-NeoX model (for smoke runs)")
     tiny.add_argument("--output", required=True, help="directory to write it to")
 
@@ -117,6 +121,17 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "presses":
         for name, options in list_presses().items():
             print(f"{name:14s} {json.dumps(options)}")
+        return 0
+    if args.command == "study":
+        from kvlib.pipeline import HubUnreachable, run_preset
+
+        try:
+            written = run_preset(args.preset, args.output_dir, log=_log)
+        except HubUnreachable as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 3
+        for path in written:
+            print(path)
         return 0
     if args.command == "plot":
         from kvlib.plots import save_pngs

@@ -133,6 +133,19 @@ def load_windows(
     return windows
 
 
+def token_statistics(windows: np.ndarray, tokenizer: PreTrainedTokenizerBase) -> dict[str, float]:
+    """What a run scores: counts, vocabulary coverage, and how long a token is in characters."""
+    first = windows[0] if len(windows) else np.zeros(0, dtype=np.int64)
+    return {
+        "windows": len(windows),
+        "tokens_per_window": windows.shape[1] if windows.ndim == 2 else 0,
+        "total_tokens": int(windows.size),
+        "distinct_tokens": int(len(np.unique(windows))),
+        "eos_separators": int((windows == tokenizer.eos_token_id).sum()),
+        "chars_per_token_first_window": len(tokenizer.decode(first.tolist())) / max(len(first), 1),
+    }
+
+
 def save_windows(windows: np.ndarray, path: str | os.PathLike) -> Path:
     """Write windows as .npy, atomically, so anyone can re-score exactly the same tokens."""
     from kvlib.results import atomic_write

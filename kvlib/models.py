@@ -73,21 +73,32 @@ def context_length(config: PretrainedConfig) -> int | None:
     return None
 
 
-def load_model(
+def load_tokenizer(model: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    source = ModelSource.resolve(model)
+    return AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs())
+
+
+def load_weights(
     model: str, device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False
-) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """(model in eval mode, tokenizer). Device: CUDA when present, else CPU.
+) -> torch.nn.Module:
+    """The model in eval mode. Device: CUDA when present, else CPU.
     dtype: float32 on CPU, bfloat16 (or float16 where unsupported) on CUDA."""
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     source = ModelSource.resolve(model)
-    tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs())
     loaded = AutoModelForCausalLM.from_pretrained(
         source.path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **source.kwargs()
     )
-    return loaded.to(device).eval(), tokenizer
+    return loaded.to(device).eval()
+
+
+def load_model(
+    model: str, device: str | None = None, dtype: str | None = None, trust_remote_code: bool = False
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """(model, tokenizer): a hub id, a local directory, a .gguf file or a short name such as 'smollm2'."""
+    return load_weights(model, device, dtype, trust_remote_code), load_tokenizer(model, trust_remote_code)
 
 
 def write_tiny_model(output: str, seed: int = 0) -> Path:

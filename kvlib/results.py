@@ -50,6 +50,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes files private; results are meant to be shared
     try:
         with os.fdopen(fd, mode) as handle:
             yield handle
@@ -134,6 +137,11 @@ def provenance(device: str, dtype: str) -> dict[str, str]:
 
 
 # --- cells -----------------------------------------------------------------------------------------------------
+
+
+def windows_path(output_dir: str | os.PathLike, model: str, dataset: str, max_length: int) -> Path:
+    """Where the token windows of a run are kept ([n_windows, max_length] .npy)."""
+    return Path(output_dir) / "windows" / f"{slug(model)}_{dataset}_{max_length}.npy"
 
 
 def cell_path(output_dir: str | os.PathLike, model: str, dataset: str, kind: str, method: str, ratio: float) -> Path:

@@ -141,7 +141,7 @@ def run(
     settings.dtype = settings.dtype or models.default_dtype(settings.device)
     output_dir = Path(settings.output_dir)
 
-    loaded = None
+    model = tokenizer = None
     written: list[Path] = []
     for dataset in settings.datasets():
         pending = []
@@ -156,19 +156,19 @@ def run(
         done = len(kinds) * len(cells(methods, ratios)) - len(pending)
         log(f"{settings.model} on {dataset}: {len(pending)} cell(s) to run, {done} already done")
         if pending:
-            if loaded is None:
-                log(f"loading {settings.model} on {settings.device} ({settings.dtype})")
-                loaded = models.load_model(settings.model, settings.device, settings.dtype)
-            model, tokenizer = loaded
-            n_needed = max(settings.n_ppl if "ppl" in kinds else 1, 1)
+            if tokenizer is None:
+                tokenizer = models.load_tokenizer(settings.model)
             windows = data.load_windows(
                 dataset, tokenizer, settings.max_length, settings.max_samples, settings.data_dir,
-                settings.pg19_max_chars, min_windows=n_needed,
+                settings.pg19_max_chars, min_windows=settings.n_ppl if "ppl" in kinds else 1,
             )  # fmt: skip
             windows_path = (
                 output_dir / "windows" / f"{results.slug(settings.model)}_{dataset}_{settings.max_length}.npy"
             )
             written.append(data.save_windows(windows, windows_path))
+            if model is None:
+                log(f"loading {settings.model} on {settings.device} ({settings.dtype})")
+                model = models.load_weights(settings.model, settings.device, settings.dtype)
             for index, (kind, method, ratio) in enumerate(pending, 1):
                 log(f"[{index}/{len(pending)}] {dataset} {kind} {method} {ratio:g}")
                 written.append(run_cell(settings, model, windows, dataset, kind, method, ratio, log))

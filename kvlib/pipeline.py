@@ -1,0 +1,192 @@
+"""The whole study as executed notebooks: presets, papermill runs for each dataset and ratio, the report.
+
+`run_all.sh` calls `python -m kvlib study --preset NAME`. Every number in the report traces to an executed copy
+of a notebook kept under `<output_dir>/notebooks/`; finished cells are skipped on a rerun (the measuring code
+resumes), so an interrupted study picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from kvlib import plots, results, study
+from kvlib.data import DATASETS
+
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
+
+
+@dataclass
+class Preset:
+    """A named study: the model, the text, the protocol settings, the grid."""
+
+    settings: study.Settings
+    datasets: list[str] = field(default_factory=lambda: list(DATASETS))
+    methods: list[str] = field(default_factory=lambda: list(study.DEFAULT_METHODS))
+    ratios: list[float] = field(default_factory=lambda: list(study.DEFAULT_RATIOS))
+    needs_hub: bool = False
+    tiny_model: bool = False
+
+
+def local_data_dir() -> str:
+    return os.environ.get("KVLIB_DATA_DIR") or str(REPO.parent / "shared" / "data")
+
+
+def presets() -> dict[str, Preset]:
+    return {
+        # The original study: pythia-70m, wikitext and PG-19 from the hub.
+        "default": Preset(study.Settings(), needs_hub=True),
+        # The bundled SmolLM2-135M and local text; sized to finish within 30 minutes on 2 CPU cores.
+        # 768 tokens keeps a 384-token prefix: long enough for LagKV (n_sink + 2 * lag_size = 260) and SnapKV.
+        "offline": Preset(
+            study.Settings(
+                model="smollm2",
+                data_dir=local_data_dir(),
+                max_length=768,
+                max_samples=20,
+                n_ppl=4,
+                n_timing=3,
+                warmup_times=1,
+                gen_tokens=16,
+                pg19_max_chars=400_000,
+            )
+        ),
+        # A tiny random model through every step in about a minute: plumbing, not numbers. Used by CI.
+        "smoke": Preset(
+            study.Settings(
+                model="",
+                data_dir=local_data_dir(),
+                max_length=640,
+                max_samples=4,
+                n_ppl=2,
+                n_timing=2,
+                warmup_times=1,
+                gen_tokens=4,
+                pg19_max_chars=100_000,
+            ),
+            ratios=[0.3, 0.7],
+            tiny_model=True,
+        ),
+    }
+
+
+class HubUnreachable(RuntimeError):
+    pass
+
+
+def check_hub(model: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, naming the offline preset, when the Hugging Face hub cannot be reached."""
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(model, timeout=timeout)
+    except Exception as error:  # any failure here means the hub-based study cannot run
+        raise HubUnreachable(
+            f"cannot reach the Hugging Face hub for {model!r} ({type(error).__name__}). This preset downloads the "
+            "model and the datasets; without network use the bundled model and local text instead:\n"
+            "  bash run_all.sh --preset offline      (text from $KVLIB_DATA_DIR, default ../shared/data)"
+        ) from error
+
+
+def _show_notebook_output() -> None:
+    """papermill reports what the executing notebook prints through its logger: send it to stderr."""
+    import logging
+
+    logger = logging.getLogger("papermill")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("    %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
+def _execute(notebook: str, output: Path, parameters: dict, log: Callable[[str], None]) -> Path:
+    """Run one notebook with papermill; the executed copy appears only once it ran to the end."""
+    import papermill
+
+    _show_notebook_output()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    partial = output.with_name(f".{output.name}.partial.ipynb")
+    log(f"papermill {notebook} -> {output}")
+    started = time.perf_counter()
+    papermill.execute_notebook(
+        str(NOTEBOOKS / notebook), str(partial), parameters=parameters, progress_bar=False, log_output=True,
+        cwd=str(REPO), kernel_name="python3",
+    )  # fmt: skip
+    partial.replace(output)
+    log(f"  done in {time.perf_counter() - started:.1f} s")
+    return output
+
+
+def _protocol_parameters(settings: study.Settings) -> dict:
+    return {
+        "model": settings.model,
+        "max_length": settings.max_length,
+        "max_samples": settings.max_samples,
+        "data_dir": settings.data_dir,
+        "pg19_max_chars": settings.pg19_max_chars,
+        "seed": settings.seed,
+        "device": settings.device,
+        "dtype": settings.dtype,
+        "output_dir": settings.output_dir,
+    }
+
+
+def run_preset(name: str, output_dir: str | None = None, log: Callable[[str], None] = print) -> list[Path]:
+    """Every notebook of the study for preset `name`, then the report and the PNG plots. Returns what it wrote."""
+    available = presets()
+    if name not in available:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(available)}")
+    preset = available[name]
+    output = Path(output_dir or ("results/smoke" if name == "smoke" else "results"))
+    settings = replace(preset.settings, output_dir=str(output))
+    if preset.tiny_model:
+        from kvlib.models import write_tiny_model
+
+        model_dir = output / "model" / "tiny-gpt-neox"
+        if not (model_dir / "config.json").exists():
+            write_tiny_model(str(model_dir))
+        settings.model = str(model_dir)
+    study.validate(settings, preset.methods, preset.ratios, list(study.KINDS))
+    if preset.needs_hub and not os.environ.get("HF_HUB_OFFLINE"):
+        check_hub(settings.model)
+
+    started = time.perf_counter()
+    written: list[Path] = []
+    executed = output / "notebooks"
+    common = _protocol_parameters(settings)
+    steps = len(preset.datasets) * (1 + 2 * len(preset.ratios)) + 1
+    step = 0
+    for dataset in preset.datasets:
+        step += 1
+        log(f"== [{step}/{steps}] {dataset}: data preparation")
+        written.append(_execute("01_data_prep.ipynb", executed / dataset / "01_data_prep.ipynb",
+                                {**common, "dataset": dataset}, log))  # fmt: skip
+        for ratio in preset.ratios:
+            for notebook, extra in (
+                ("02_ppl.ipynb", {"prefix_ratio": settings.prefix_ratio, "n_ppl": settings.n_ppl}),
+                ("03_latency.ipynb", {"gen_tokens": settings.gen_tokens, "warmup_times": settings.warmup_times,
+                                      "n_timing": settings.n_timing}),
+            ):  # fmt: skip
+                step += 1
+                elapsed = time.perf_counter() - started
+                log(f"== [{step}/{steps}] {dataset}: {notebook} at ratio {ratio:g} (elapsed {elapsed:.0f} s)")
+                parameters = {**common, **extra, "dataset": dataset, "methods": preset.methods, "ratio": ratio}
+                target = executed / dataset / f"{notebook.removesuffix('.ipynb')}_r{ratio:g}.ipynb"
+                written.append(_execute(notebook, target, parameters, log))
+    step += 1
+    log(f"== [{step}/{steps}] analysis and report")
+    analysis = _execute("04_analysis.ipynb", executed / "04_analysis.ipynb",
+                        {"results_dir": str(output), "time_metric": "tpot", "explore": False}, log)  # fmt: skip
+    from kvlib.report import export_html
+
+    written += [analysis, export_html(analysis, output / "report.html")]
+    for dataset in preset.datasets:
+        written += plots.save_pngs(results.table_paths(output, settings.model, dataset)["csv"], "tpot")
+    log(f"study '{name}' finished in {time.perf_counter() - started:.0f} s")
+    return written

