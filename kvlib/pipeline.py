@@ -165,8 +165,11 @@ def run_preset(name: str, output_dir: str | None = None, log: Callable[[str], No
     for dataset in preset.datasets:
         step += 1
         log(f"== [{step}/{steps}] {dataset}: data preparation")
-        written.append(_execute("01_data_prep.ipynb", executed / dataset / "01_data_prep.ipynb",
-                                {**common, "dataset": dataset}, log))  # fmt: skip
+        prepared = executed / dataset / "01_data_prep.ipynb"
+        if prepared.exists() and results.windows_path(output, settings.model, dataset, settings.max_length).exists():
+            log(f"  skipped: {prepared} already wrote these windows")
+        else:
+            written.append(_execute("01_data_prep.ipynb", prepared, {**common, "dataset": dataset}, log))
         for ratio in preset.ratios:
             for notebook, extra in (
                 ("02_ppl.ipynb", {"prefix_ratio": settings.prefix_ratio, "n_ppl": settings.n_ppl}),
@@ -178,6 +181,11 @@ def run_preset(name: str, output_dir: str | None = None, log: Callable[[str], No
                 log(f"== [{step}/{steps}] {dataset}: {notebook} at ratio {ratio:g} (elapsed {elapsed:.0f} s)")
                 parameters = {**common, **extra, "dataset": dataset, "methods": preset.methods, "ratio": ratio}
                 target = executed / dataset / f"{notebook.removesuffix('.ipynb')}_r{ratio:g}.ipynb"
+                kind = "ppl" if notebook.startswith("02") else "latency"
+                if target.exists() and not study.pending_cells(settings, preset.methods, [ratio], [kind], dataset):
+                    # Keep the executed copy that measured these cells rather than a run that only reads them back.
+                    log(f"  skipped: every cell is stored and {target} is the notebook that measured them")
+                    continue
                 written.append(_execute(notebook, target, parameters, log))
     step += 1
     log(f"== [{step}/{steps}] analysis and report")

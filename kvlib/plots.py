@@ -74,7 +74,8 @@ def ppl_chart(table: pd.DataFrame, interactive: bool = True) -> alt.Chart:
         alt.Tooltip("ppl:Q", format=".3f"),
         alt.Tooltip("ppl_delta:Q", format="+.3f"),
     ]
-    y = alt.Y("ppl:Q", title="suffix perplexity", scale=alt.Scale(zero=False))
+    # Log scale: a collapsed method (perplexity in the hundreds) must not flatten the ones that work.
+    y = alt.Y("ppl:Q", title="suffix perplexity (log scale)", scale=alt.Scale(type="log"))
     lines = _lines(y, tooltip, _method_selection("ppl_methods") if interactive else None)
     chart = alt.layer(lines, _baseline_rule("ppl", "baseline ppl"), data=table)
     return _facet(chart, table).properties(title="Quality: perplexity after compression (dashed: no compression)")
@@ -92,7 +93,7 @@ def ppl_delta_chart(table: pd.DataFrame) -> alt.Chart:
         )
     )
     points = base.mark_point(filled=True).encode(
-        y=alt.Y("ppl_delta:Q", title="Δ perplexity vs baseline"),
+        y=alt.Y("ppl_delta:Q", title="Δ perplexity vs baseline (symlog)", scale=alt.Scale(type="symlog")),
         tooltip=[
             "method",
             "compression_ratio",

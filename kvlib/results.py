@@ -283,11 +283,10 @@ def write_tables(output_dir: str | os.PathLike, model: str, datasets: list[str])
         table = metrics_table(output_dir, model, dataset)
         paths = table_paths(output_dir, model, dataset)
         written += _write_table(table, paths["csv"], paths["json"])
-        records = window_records(output_dir, model, dataset)
         with atomic_write(paths["windows"]) as handle:
-            records.to_csv(handle, index=False)
+            window_records(output_dir, model, dataset).to_csv(handle, index=False)
         written.append(paths["windows"])
-        tables.append(table.assign(dataset=dataset))
+        tables.append(table)
     if len(datasets) > 1:
         paths = table_paths(output_dir, model, "all")
         written += _write_table(pd.concat(tables, ignore_index=True), paths["csv"], paths["json"])

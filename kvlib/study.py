@@ -65,7 +65,10 @@ class Settings:
         return list(data.DATASETS) if self.dataset == "all" else [self.dataset]
 
     def for_kind(self, kind: str, dataset: str) -> dict:
-        values = {**asdict(self), "dataset": dataset, "data_source": self.data_source}
+        """The settings a cell of `kind` is stored with (device and dtype resolved as a run resolves them)."""
+        device = self.device or models.default_device()
+        values = {**asdict(self), "dataset": dataset, "data_source": self.data_source, "device": device}
+        values["dtype"] = self.dtype or models.default_dtype(device)
         return {name: values[name] for name in KIND_SETTINGS[kind]}
 
 
@@ -120,6 +123,22 @@ def check_context(settings: Settings) -> None:
         raise ValueError(f"max_length {settings.max_length} exceeds {settings.model}'s context of {limit} tokens")
 
 
+def pending_cells(
+    settings: Settings, methods: list[str], ratios: list[float], kinds: list[str], dataset: str
+) -> list[tuple[str, str, float]]:
+    """(kind, method, ratio) cells not yet stored with these settings and press options."""
+    pending = []
+    for kind in kinds:
+        wanted = settings.for_kind(kind, dataset)
+        for method, ratio in cells(methods, ratios):
+            options = load_press(method, ratio, **settings.press_options.get(method, {})).options()
+            path = results.cell_path(settings.output_dir, settings.model, dataset, kind, method, ratio)
+            stored = results.read_cell(path)
+            if not (stored and stored["settings"] == wanted and stored["options"] == options):
+                pending.append((kind, method, ratio))
+    return pending
+
+
 def run(
     settings: Settings,
     methods: list[str] | None = None,
@@ -144,15 +163,7 @@ def run(
     model = tokenizer = None
     written: list[Path] = []
     for dataset in settings.datasets():
-        pending = []
-        for kind in kinds:
-            wanted = settings.for_kind(kind, dataset)
-            for method, ratio in cells(methods, ratios):
-                options = load_press(method, ratio, **settings.press_options.get(method, {})).options()
-                stored = results.read_cell(results.cell_path(output_dir, settings.model, dataset, kind, method, ratio))
-                if stored and stored["settings"] == wanted and stored["options"] == options:
-                    continue
-                pending.append((kind, method, ratio))
+        pending = pending_cells(settings, methods, ratios, kinds, dataset)
         done = len(kinds) * len(cells(methods, ratios)) - len(pending)
         log(f"{settings.model} on {dataset}: {len(pending)} cell(s) to run, {done} already done")
         if pending:
@@ -172,9 +183,9 @@ def run(
             for index, (kind, method, ratio) in enumerate(pending, 1):
                 log(f"[{index}/{len(pending)}] {dataset} {kind} {method} {ratio:g}")
                 written.append(run_cell(settings, model, windows, dataset, kind, method, ratio, log))
-        written += results.write_tables(output_dir, settings.model, [dataset])
+        written += results.write_tables(output_dir, settings.model, [dataset])  # after each dataset: nothing waits
     if len(settings.datasets()) > 1:
-        written += results.write_tables(output_dir, settings.model, settings.datasets())[-2:]
+        written += results.write_tables(output_dir, settings.model, settings.datasets())
     return written
 
 
