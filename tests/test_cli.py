@@ -24,6 +24,7 @@ COLUMNS = [
     "tpot_speedup",
     "throughput_ratio",
 ]
+EVALUATE_KNORM = ["evaluate", "--method", "knorm", "--compression_ratio", "0.5"]
 FAST = ["--max_length", "320", "--n_ppl", "2", "--n_timing", "2", "--warmup_times", "1", "--gen_tokens", "3"]
 
 
@@ -39,7 +40,7 @@ def grid_args(tiny_model_dir, data_dir, tmp_path):
 
 
 def test_evaluate_writes_tables_with_the_study_columns(capsys, grid_args, tmp_path):
-    code, out, err = run_cli(capsys, "evaluate", "--method", "knorm", "--compression_ratio", "0.5", *grid_args)
+    code, out, err = run_cli(capsys, *EVALUATE_KNORM, *grid_args)
     assert code == 0, err
     table = pd.read_csv(tmp_path / "tiny-gpt-neox_wikitext_kv_metrics.csv")
     assert list(table.columns[: len(COLUMNS)]) == COLUMNS
@@ -105,11 +106,7 @@ def test_grid_resumes_and_survives_interruption(capsys, grid_args, tmp_path, mon
 def test_dataset_all_writes_a_combined_table(capsys, grid_args, tmp_path):
     code, _, err = run_cli(
         capsys,
-        "evaluate",
-        "--method",
-        "knorm",
-        "--compression_ratio",
-        "0.5",
+        *EVALUATE_KNORM,
         "--dataset",
         "all",
         "--kinds",
@@ -159,17 +156,11 @@ def test_unknown_dataset_is_rejected_by_the_parser(capsys):
 
 
 def test_max_length_beyond_context_and_too_little_text(capsys, grid_args, tmp_path):
-    code, _, err = run_cli(
-        capsys, "evaluate", "--method", "knorm", "--compression_ratio", "0.5", *grid_args, "--max_length", "4096"
-    )
+    code, _, err = run_cli(capsys, *EVALUATE_KNORM, *grid_args, "--max_length", "4096")
     assert code == 2 and "max_length 4096 exceeds" in err and "context of 2048 tokens" in err
     code, _, err = run_cli(
         capsys,
-        "evaluate",
-        "--method",
-        "knorm",
-        "--compression_ratio",
-        "0.5",
+        *EVALUATE_KNORM,
         "--dataset",
         "pg19",
         "--pg19_max_chars",

@@ -20,7 +20,9 @@ CONFIGS = {
     "llama": lambda: LlamaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2),
     "qwen2": lambda: Qwen2Config(**COMMON, num_attention_heads=4, num_key_value_heads=2),
     "mistral": lambda: MistralConfig(**COMMON, num_attention_heads=4, num_key_value_heads=1, sliding_window=None),
-    "phi3": lambda: Phi3Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
+    "phi3": lambda: Phi3Config(
+        **COMMON, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2
+    ),
     # Hybrid attention: sliding layers (window 16, shorter than the test prefixes) around one full layer.
     "gemma3": lambda: Gemma3TextConfig(
         **COMMON,
