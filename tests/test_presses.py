@@ -227,3 +227,12 @@ def test_unsupported_models_name_what_is_missing():
     with pytest.raises(RuntimeError, match="already active"):
         with press(model), press(model):
             pass
+
+
+def test_kvpress_style_call_with_past_key_values():
+    """The convention kvpress users know: `past_key_values=cache` (transformers 5.24 still accepts the old name)."""
+    model = tiny_model("llama")
+    cache = kvlib.new_cache(model)
+    with kvlib.load_press("knorm", compression_ratio=0.5)(model), torch.no_grad(), pytest.warns(FutureWarning):
+        model(token_ids()[:, :PREFIX], past_key_values=cache, use_cache=True)
+    assert cache.layers[0].keys.shape[-2] == n_kept(PREFIX, 0.5)
