@@ -16,6 +16,10 @@ from transformers import PreTrainedTokenizerBase
 
 DATASETS = ("wikitext", "pg19")
 PG19_MAX_CHARS = 2_000_000
+WIKITEXT_HUB = ("Salesforce/wikitext", "wikitext-2-raw-v1")
+# deepmind/pg19 is a loading-script dataset, which datasets>=4 no longer runs; emozilla/pg19 holds the same
+# splits as Parquet (fields `text`, `short_book_title`, ...).
+PG19_HUB = "emozilla/pg19"
 
 _GUTENBERG_START = re.compile(r"\*\*\*\s*START OF (?:THE|THIS) PROJECT GUTENBERG E(?:BOOK|TEXT)[^*]*\*\*\*", re.I)
 _GUTENBERG_END = re.compile(r"\*\*\*\s*END OF (?:THE|THIS) PROJECT GUTENBERG E(?:BOOK|TEXT)", re.I)
@@ -53,7 +57,7 @@ def wikitext_lines(data_dir: Path | None) -> list[str]:
     if data_dir is None:
         from datasets import load_dataset
 
-        rows = load_dataset("Salesforce/wikitext", "wikitext-2-raw-v1", split="test")["text"]
+        rows = load_dataset(*WIKITEXT_HUB, split="test")["text"]
     else:
         path = data_dir / "wikitext-2-raw-v1" / "wiki.test.raw"
         if not path.is_file():
@@ -66,7 +70,7 @@ def _pg19_books(data_dir: Path | None) -> Iterator[str]:
     if data_dir is None:
         from datasets import load_dataset
 
-        for row in load_dataset("deepmind/pg19", split="test", streaming=True):
+        for row in load_dataset(PG19_HUB, split="test", streaming=True):
             yield row["text"]
         return
     files = sorted((data_dir / "pg19" / "test").glob("*.txt"))
