@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
+from kvlib.results import atomic_write
+
 DATASETS = ("wikitext", "pg19")
 PG19_MAX_CHARS = 2_000_000
 WIKITEXT_HUB = ("Salesforce/wikitext", "wikitext-2-raw-v1")
@@ -152,8 +154,6 @@ def token_statistics(windows: np.ndarray, tokenizer: PreTrainedTokenizerBase) ->
 
 def save_windows(windows: np.ndarray, path: str | os.PathLike) -> Path:
     """Write windows as .npy, atomically, so anyone can re-score exactly the same tokens."""
-    from kvlib.results import atomic_write
-
     path = Path(path)
     with atomic_write(path, "wb") as handle:
         np.save(handle, windows)

@@ -113,7 +113,7 @@ def validate(settings: Settings, methods: list[str], ratios: list[float], kinds:
             press.check_prefix_length(prefix_len)
         if "latency" in kinds:
             press.check_prefix_length(settings.max_length)
-    settings.data_source  # noqa: B018  (raises if data_dir is not a directory)
+    data.resolve_data_dir(settings.data_dir)  # raises if data_dir is not a directory
 
 
 def check_context(settings: Settings) -> None:
@@ -173,20 +173,16 @@ def run(
                 dataset, tokenizer, settings.max_length, settings.max_samples, settings.data_dir,
                 settings.pg19_max_chars, min_windows=settings.n_ppl if "ppl" in kinds else 1,
             )  # fmt: skip
-            windows_path = (
-                output_dir / "windows" / f"{results.slug(settings.model)}_{dataset}_{settings.max_length}.npy"
-            )
-            written.append(data.save_windows(windows, windows_path))
+            path = results.windows_path(output_dir, settings.model, dataset, settings.max_length)
+            written.append(data.save_windows(windows, path))
             if model is None:
                 log(f"loading {settings.model} on {settings.device} ({settings.dtype})")
                 model = models.load_weights(settings.model, settings.device, settings.dtype)
             for index, (kind, method, ratio) in enumerate(pending, 1):
                 log(f"[{index}/{len(pending)}] {dataset} {kind} {method} {ratio:g}")
                 written.append(run_cell(settings, model, windows, dataset, kind, method, ratio, log))
-        written += results.write_tables(output_dir, settings.model, [dataset])  # after each dataset: nothing waits
-    if len(settings.datasets()) > 1:
-        written += results.write_tables(output_dir, settings.model, settings.datasets())
-    return written
+    # Once, from the stored cells: per dataset, plus the combined table when several ran together.
+    return written + results.write_tables(output_dir, settings.model, settings.datasets())
 
 
 def run_cell(settings, model, windows: np.ndarray, dataset: str, kind: str, method: str, ratio: float, log) -> Path:
