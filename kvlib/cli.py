@@ -45,7 +45,7 @@ def _protocol_flags(parser: argparse.ArgumentParser) -> None:
         help="local text laid out like ../shared/data (default: $KVLIB_DATA_DIR, else the hub)",
     )
     add("--pg19_max_chars", type=int, default=defaults["pg19_max_chars"], help="characters of PG-19 read (streamed)")
-    add("--seed", type=int, default=0, help="seed of the random press and of the bootstrap")
+    add("--seed", type=int, default=0, help="seed of the paired bootstrap (the random press has its own `seed` option)")
     add("--device", default=None, help="cuda, cuda:1, cpu ... (default: CUDA when present)")
     add(
         "--dtype",
@@ -134,7 +134,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(path)
         return 0
     if args.command == "plot":
-        from kvlib.plots import save_pngs
+        from kvlib.analysis.charts import save_pngs
 
         for path in save_pngs(args.csv, args.time_metric):
             print(path)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from transformers import PreTrainedTokenizerBase
 
-from kvlib.results import atomic_write
+from kvlib.files import atomic_write
 
 DATASETS = ("wikitext", "pg19")
 PG19_MAX_CHARS = 2_000_000
@@ -64,8 +64,18 @@ def wikitext_lines(data_dir: Path | None) -> list[str]:
         path = data_dir / "wikitext-2-raw-v1" / "wiki.test.raw"
         if not path.is_file():
             raise FileNotFoundError(f"wikitext not found at {path}")
-        rows = path.read_text(encoding="utf-8").splitlines()
-    return [row.rstrip("\r\n") for row in rows if row.strip()]
+        rows = _read_text(path).splitlines()
+    lines = [row.rstrip("\r\n") for row in rows if row.strip()]
+    if not lines:
+        raise ValueError(f"wikitext at {path if data_dir else WIKITEXT_HUB} holds no text")
+    return lines
+
+
+def _read_text(path: Path, encoding: str = "utf-8") -> str:
+    try:
+        return path.read_text(encoding=encoding)
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from error
 
 
 def _pg19_books(data_dir: Path | None) -> Iterator[str]:
@@ -79,7 +89,7 @@ def _pg19_books(data_dir: Path | None) -> Iterator[str]:
     if not files:
         raise FileNotFoundError(f"no PG-19 books at {data_dir / 'pg19' / 'test'}/*.txt")
     for file in files:
-        yield file.read_text(encoding="utf-8-sig")
+        yield _read_text(file, "utf-8-sig")
 
 
 def pg19_books(data_dir: Path | None, max_chars: int = PG19_MAX_CHARS) -> list[str]:

@@ -1,13 +1,25 @@
-"""Loading a causal LM and its tokenizer: a hub id, a local directory, or a GGUF file, all the same way."""
+"""Loading a causal LM and its tokenizer: a hub id, a local directory, or a GGUF file, all the same way.
+
+A GGUF file is dequantised once (about 20 s for SmolLM2-135M) into a converted copy under the model cache,
+`$KVLIB_CACHE_DIR/models` (default `~/.cache/kvlib/models`), keyed by the file's sha256 and the transformers
+version; later loads read that copy in well under a second. An entry is written to a temporary directory and
+renamed into place, and its manifest's file sizes and hashes are checked on every use: a partial or corrupt
+entry is rebuilt, never used. Hub models use the Hugging Face cache as usual.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from kvlib.files import UnreadableFile, atomic_directory, canonical_hash, read_json, sha256_file, write_json
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -47,6 +59,85 @@ class ModelSource:
     def kwargs(self) -> dict:
         return {"gguf_file": self.gguf_file} if self.gguf_file else {}
 
+    def load_from(self) -> tuple[str, dict]:
+        """(path, from_pretrained kwargs): a GGUF file's converted copy (made on first use), else the source."""
+        if self.gguf_file:
+            return str(converted_gguf(self)), {}
+        return self.path, {}
+
+
+# --- the model cache (converted GGUF copies) --------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """Where kvlib keeps converted models: $KVLIB_CACHE_DIR, else ~/.cache/kvlib. Safe to move or delete."""
+    return Path(os.environ.get("KVLIB_CACHE_DIR") or Path.home() / ".cache" / "kvlib")
+
+
+MANIFEST = "kvlib-manifest.json"
+
+
+def _entry_ok(entry: Path) -> bool:
+    """Every file the manifest lists is there with its size and sha256 (a partial or corrupt entry is not)."""
+    try:
+        manifest = read_json(entry / MANIFEST)
+        files = manifest["files"]
+        for name, (size, digest) in files.items():
+            path = entry / name
+            if not path.is_file() or path.stat().st_size != size or sha256_file(path) != digest:
+                return False
+    except (FileNotFoundError, UnreadableFile, KeyError, TypeError, ValueError):
+        return False
+    return bool(files)
+
+
+def converted_gguf(source: ModelSource) -> Path:
+    """A GGUF model dequantised to float32 and saved as a transformers directory (config, tokenizer, weights).
+
+    Float32 is what transformers dequantises GGUF to; other dtypes are cast from it at load, as they would be
+    from the GGUF file itself.
+    """
+    gguf = Path(source.path) / source.gguf_file
+    key = canonical_hash({"sha256": sha256_file(gguf), "transformers": transformers.__version__})[:16]
+    entry = cache_root() / "models" / f"{gguf.stem}-{key}"
+    if _entry_ok(entry):
+        return entry
+    if entry.exists():
+        shutil.rmtree(entry)
+    with atomic_directory(entry) as tmp:
+        kwargs = {"gguf_file": source.gguf_file}
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **kwargs)
+        model.hf_quantizer = None  # dequantised already: save plain weights
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(source.path, **kwargs).save_pretrained(tmp)
+        files = {p.name: (p.stat().st_size, sha256_file(p)) for p in sorted(tmp.iterdir()) if p.is_file()}
+        write_json(tmp / MANIFEST, {"source": str(gguf), "transformers": transformers.__version__, "files": files})
+    return entry
+
+
+# --- identity -----------------------------------------------------------------------------------------------------
+
+# Files of a local model directory that determine its numbers (weights, config, tokenizer).
+_MODEL_FILE_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja", ".py")
+
+
+def fingerprint(model: str) -> dict:
+    """What identifies a model's numbers: a hub id and revision, or a content hash of local files."""
+    source = ModelSource.resolve(model)
+    if source.gguf_file:
+        return {"gguf": source.gguf_file, "sha256": sha256_file(Path(source.path) / source.gguf_file)}
+    path = Path(source.path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _MODEL_FILE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"model directory {path.resolve()} holds no config or weight files")
+        digests = {str(p.relative_to(path)): sha256_file(p) for p in files}
+        return {"directory": path.resolve().name, "sha256": canonical_hash(digests)}
+    config = load_config(model)
+    return {"hub": model, "revision": getattr(config, "_commit_hash", None) or "unknown"}
+
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -60,8 +151,8 @@ def default_dtype(device: str) -> str:
 
 def load_config(model: str, trust_remote_code: bool = False) -> PretrainedConfig:
     """The model's config alone: cheap, so that settings can be checked before the weights load."""
-    source = ModelSource.resolve(model)
-    return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs())
+    path, kwargs = ModelSource.resolve(model).load_from()
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
 
 
 def context_length(config: PretrainedConfig) -> int | None:
@@ -74,8 +165,8 @@ def context_length(config: PretrainedConfig) -> int | None:
 
 
 def load_tokenizer(model: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    source = ModelSource.resolve(model)
-    return AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs())
+    path, kwargs = ModelSource.resolve(model).load_from()
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
 
 
 def load_weights(
@@ -87,9 +178,9 @@ def load_weights(
     dtype = dtype or default_dtype(device)
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-    source = ModelSource.resolve(model)
+    path, kwargs = ModelSource.resolve(model).load_from()
     loaded = AutoModelForCausalLM.from_pretrained(
-        source.path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **source.kwargs()
+        path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code, **kwargs
     )
     return loaded.to(device).eval()
 
@@ -108,8 +199,7 @@ def write_tiny_model(output: str, seed: int = 0) -> Path:
     """
     from transformers import GPTNeoXConfig
 
-    source = ModelSource.resolve("smollm2")
-    tokenizer = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
+    tokenizer = load_tokenizer("smollm2")
     config = GPTNeoXConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -124,6 +214,25 @@ def write_tiny_model(output: str, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     path = Path(output)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    with atomic_directory(path) as tmp:  # complete or absent: a killed run leaves no half-written model
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     return path
+
+
+def check_device(device: str) -> None:
+    """A device this machine has, before anything loads."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from error
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {device!r} is not available: this torch build ({torch.__version__}) sees no CUDA GPU; "
+                "use --device cpu"
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} does not exist: {torch.cuda.device_count()} CUDA GPU(s) here")
+    elif parsed.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")

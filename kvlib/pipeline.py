@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from kvlib import plots, results, study
+from kvlib import study
+from kvlib.analysis import charts, tables
 from kvlib.data import DATASETS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,18 +41,18 @@ def presets() -> dict[str, Preset]:
     return {
         # The original study: pythia-70m, wikitext and PG-19 from the hub.
         "default": Preset(study.Settings(), needs_hub=True),
-        # The bundled SmolLM2-135M and local text; sized to finish within 30 minutes on 2 CPU cores.
-        # 768 tokens keeps a 384-token prefix: long enough for LagKV (n_sink + 2 * lag_size = 260) and SnapKV.
+        # The bundled SmolLM2-135M and local text, at the original protocol where it matters (1024-token windows,
+        # prefix_ratio 0.5, 32 generated tokens); sized to finish within 25 minutes on 2 CPU cores.
         "offline": Preset(
             study.Settings(
                 model="smollm2",
                 data_dir=local_data_dir(),
-                max_length=768,
+                max_length=1024,
                 max_samples=20,
-                n_ppl=4,
-                n_timing=3,
+                n_ppl=8,
+                n_timing=5,
                 warmup_times=1,
-                gen_tokens=16,
+                gen_tokens=32,
                 pg19_max_chars=400_000,
             )
         ),
@@ -111,7 +112,7 @@ def _execute(notebook: str, output: Path, parameters: dict, log: Callable[[str],
 
     _show_notebook_output()
     output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.partial.ipynb")
+    partial = output.with_name(f".{output.name}.tmp")  # removed by the next run if this one is killed
     log(f"papermill {notebook} -> {output}")
     started = time.perf_counter()
     papermill.execute_notebook(
@@ -134,6 +135,7 @@ def _protocol_parameters(settings: study.Settings) -> dict:
         "device": settings.device,
         "dtype": settings.dtype,
         "output_dir": settings.output_dir,
+        "press_options": settings.press_options,
     }
 
 
@@ -143,58 +145,55 @@ def run_preset(name: str, output_dir: str | None = None, log: Callable[[str], No
     if name not in available:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(available)}")
     preset = available[name]
-    output = Path(output_dir or ("results/smoke" if name == "smoke" else "results"))
+    output = Path(output_dir or ("results/smoke" if name == "smoke" else "results")).resolve()
     settings = replace(preset.settings, output_dir=str(output))
+    kinds = list(study.KINDS)
     if preset.tiny_model:
-        from kvlib.models import write_tiny_model
-
-        model_dir = output / "model" / "tiny-gpt-neox"
-        if not (model_dir / "config.json").exists():
-            write_tiny_model(str(model_dir))
-        settings.model = str(model_dir)
-    study.validate(settings, preset.methods, preset.ratios, list(study.KINDS))
+        settings.model = str(output / "model" / "tiny-gpt-neox")
+    study.validate(settings, preset.methods, preset.ratios, kinds)
     if preset.needs_hub and not os.environ.get("HF_HUB_OFFLINE"):
         check_hub(settings.model)
 
+    with study.output_lock(output):  # the notebooks run under this lock (they see it held by their parent)
+        if preset.tiny_model and not Path(settings.model).exists():
+            from kvlib.models import write_tiny_model
+
+            write_tiny_model(settings.model)  # complete or absent: written to a temporary directory first
+        return _run_notebooks(name, preset, settings, output, kinds, log)
+
+
+def _run_notebooks(name, preset: Preset, settings: study.Settings, output: Path, kinds, log) -> list[Path]:
     started = time.perf_counter()
+    settings.dataset = "all" if len(preset.datasets) > 1 else preset.datasets[0]
+    plans = study.plan_run(settings, preset.methods, preset.ratios, kinds, log).datasets  # checks all text
     written: list[Path] = []
     executed = output / "notebooks"
-    common = _protocol_parameters(settings)
-    steps = len(preset.datasets) * (1 + 2 * len(preset.ratios)) + 1
+    common = {**_protocol_parameters(settings), "methods": preset.methods, "ratios": preset.ratios}
+    protocol = {"prefix_ratio": settings.prefix_ratio, "n_ppl": settings.n_ppl, "gen_tokens": settings.gen_tokens,
+                "warmup_times": settings.warmup_times, "n_timing": settings.n_timing}  # fmt: skip
+    common |= protocol  # every notebook gets the whole protocol, so each writes the tables of the whole run
+    steps = len(plans) * 3 + 1
     step = 0
-    for dataset in preset.datasets:
-        step += 1
-        log(f"== [{step}/{steps}] {dataset}: data preparation")
-        prepared = executed / dataset / "01_data_prep.ipynb"
-        if prepared.exists() and results.windows_path(output, settings.model, dataset, settings.max_length).exists():
-            log(f"  skipped: {prepared} already wrote these windows")
-        else:
-            written.append(_execute("01_data_prep.ipynb", prepared, {**common, "dataset": dataset}, log))
-        for ratio in preset.ratios:
-            for notebook, extra in (
-                ("02_ppl.ipynb", {"prefix_ratio": settings.prefix_ratio, "n_ppl": settings.n_ppl}),
-                ("03_latency.ipynb", {"gen_tokens": settings.gen_tokens, "warmup_times": settings.warmup_times,
-                                      "n_timing": settings.n_timing}),
-            ):  # fmt: skip
-                step += 1
-                elapsed = time.perf_counter() - started
-                log(f"== [{step}/{steps}] {dataset}: {notebook} at ratio {ratio:g} (elapsed {elapsed:.0f} s)")
-                parameters = {**common, **extra, "dataset": dataset, "methods": preset.methods, "ratio": ratio}
-                target = executed / dataset / f"{notebook.removesuffix('.ipynb')}_r{ratio:g}.ipynb"
-                kind = "ppl" if notebook.startswith("02") else "latency"
-                if target.exists() and not study.pending_cells(settings, preset.methods, [ratio], [kind], dataset):
-                    # Keep the executed copy that measured these cells rather than a run that only reads them back.
-                    log(f"  skipped: every cell is stored and {target} is the notebook that measured them")
-                    continue
-                written.append(_execute(notebook, target, parameters, log))
+    for plan in plans:
+        per_dataset = [("01_data_prep.ipynb", None), ("02_ppl.ipynb", "ppl"), ("03_latency.ipynb", "latency")]
+        for notebook, kind in per_dataset:
+            step += 1
+            log(f"== [{step}/{steps}] {plan.dataset}: {notebook} (elapsed {time.perf_counter() - started:.0f} s)")
+            target = executed / plan.dataset / notebook
+            pending = sum(len(p) for p in plan.pending.values()) if kind is None else len(plan.pending[kind])
+            if target.exists() and not pending:
+                # Keep the executed copy that measured these cells rather than a run that only reads them back.
+                log(f"  skipped: every cell is stored and {target} is the notebook that measured them")
+                continue
+            written.append(_execute(notebook, target, {**common, "dataset": plan.dataset}, log))
     step += 1
     log(f"== [{step}/{steps}] analysis and report")
     analysis = _execute("04_analysis.ipynb", executed / "04_analysis.ipynb",
                         {"results_dir": str(output), "time_metric": "tpot", "explore": False}, log)  # fmt: skip
-    from kvlib.report import export_html
+    from kvlib.analysis.report import export_html
 
     written += [analysis, export_html(analysis, output / "report.html")]
-    for dataset in preset.datasets:
-        written += plots.save_pngs(results.table_paths(output, settings.model, dataset)["csv"], "tpot")
+    for plan in plans:
+        written += charts.save_pngs(tables.table_paths(output, settings.model, plan.dataset)["csv"], "tpot")
     log(f"study '{name}' finished in {time.perf_counter() - started:.0f} s")
     return written

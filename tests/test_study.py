@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kvlib import pipeline, report
+from kvlib import pipeline
+from kvlib.analysis import report
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -92,8 +93,7 @@ def test_smoke_preset_end_to_end(tmp_path):
         assert (output / f"tiny-gpt-neox_{dataset}_kv_metrics.csv").exists()
         assert (output / "plots" / dataset / f"tiny-gpt-neox_{dataset}_tpot_vs_compression.png").exists()
         executed = sorted(p.name for p in (output / "notebooks" / dataset).glob("*.ipynb"))
-        assert executed == ["01_data_prep.ipynb", "02_ppl_r0.3.ipynb", "02_ppl_r0.7.ipynb",
-                            "03_latency_r0.3.ipynb", "03_latency_r0.7.ipynb"]  # fmt: skip
+        assert executed == ["01_data_prep.ipynb", "02_ppl.ipynb", "03_latency.ipynb"]
 
     html_path = output / "report.html"
     html = html_path.read_text()
@@ -110,12 +110,13 @@ def test_smoke_preset_end_to_end(tmp_path):
 
     # Rerunning resumes: every measurement cell is skipped, no cell file is rewritten.
     cells = {p: p.stat().st_mtime_ns for p in (output / "cells").rglob("*.json")}
-    assert len(cells) == 2 * 2 * (1 + 5 * 2)  # datasets x kinds x (baseline + methods x ratios)
+    methods = len(pipeline.presets()["smoke"].methods)
+    assert len(cells) == 2 * 2 * (1 + methods * 2)  # datasets x kinds x (baseline + methods x ratios)
     again = subprocess.run(
         [sys.executable, "-m", "kvlib", "study", "--preset", "smoke", "--output_dir", str(output)],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )  # fmt: skip
     assert again.returncode == 0
-    # Each 02/03 notebook of both datasets is skipped: its executed copy is the one that measured the cells.
-    assert again.stderr.count("skipped: every cell is stored") == 8, again.stderr[-2000:]
+    # Every notebook of both datasets is skipped: its executed copy is the one that measured the cells.
+    assert again.stderr.count("skipped: every cell is stored") == 6, again.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in (output / "cells").rglob("*.json")} == cells

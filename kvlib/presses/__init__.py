@@ -1,7 +1,19 @@
 """KV-cache presses. Importing this package registers every built-in press."""
 
 from kvlib.presses import knorm, lagkv, no_press, random, snapkv, streaming_llm  # noqa: F401  (registration)
-from kvlib.presses.base import Press, PressReport, n_kept
+from kvlib.presses.base import PrefillLayer, Press, PressReport, SharedPrefill, n_kept, option
 from kvlib.presses.registry import PRESSES, check_press_name, list_presses, load_press, register
 
-__all__ = ["PRESSES", "Press", "PressReport", "check_press_name", "list_presses", "load_press", "n_kept", "register"]
+__all__ = [
+    "PRESSES",
+    "PrefillLayer",
+    "Press",
+    "PressReport",
+    "SharedPrefill",
+    "check_press_name",
+    "list_presses",
+    "load_press",
+    "n_kept",
+    "option",
+    "register",
+]

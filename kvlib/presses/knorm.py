@@ -13,5 +13,8 @@ class KnormPress(Press):
 
     name = "knorm"
 
+    def queries_needed(self) -> int:
+        return 0
+
     def score(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
         return -keys.norm(dim=-1)

@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlib.presses.base import Press
+from kvlib.presses.base import Press, option
 from kvlib.presses.registry import register
 
 
@@ -16,9 +16,12 @@ class LagKVPress(Press):
     `n_sink` first tokens and the last partition (plus the remainder) are always kept.
     """
 
-    n_sink: int = 4
-    lag_size: int = 128
+    n_sink: int = option(4, minimum=0)
+    lag_size: int = option(128, minimum=1)
     name = "lagkv"
+
+    def queries_needed(self) -> int:
+        return 0
 
     def min_prefix_length(self) -> int:
         return self.n_sink + 2 * self.lag_size  # one partition to score and one to score it against

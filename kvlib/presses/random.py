@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlib.presses.base import Press
+from kvlib.presses.base import Press, option
 from kvlib.presses.registry import register
 
 
@@ -15,8 +15,11 @@ class RandomPress(Press):
     sequence is pruned the same way whatever it is batched with.
     """
 
-    seed: int = 0
+    seed: int = option(0, minimum=0)
     name = "random"
+
+    def queries_needed(self) -> int:
+        return 0
 
     def score(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed)

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from kvlib.presses.base import Press, n_kept
+from kvlib.presses.base import Press, n_kept, option
 from kvlib.presses.registry import register
 
 
@@ -16,9 +16,12 @@ class SnapKVPress(Press):
     keys (`kernel_size`) and over the query heads of each KV group. The window itself is always kept.
     """
 
-    window_size: int = 64
-    kernel_size: int = 5
+    window_size: int = option(64, minimum=1)
+    kernel_size: int = option(5, minimum=1, odd=True)  # odd: the pooled scores keep the keys' length
     name = "snapkv"
+
+    def queries_needed(self) -> int:
+        return self.window_size
 
     def min_prefix_length(self) -> int:
         # Longer than the window, and long enough that the kept positions still hold the whole window.
@@ -32,7 +35,7 @@ class SnapKVPress(Press):
         groups = queries.shape[1] // kv_heads
         window = self.window_size
         grouped_keys = keys.repeat_interleave(groups, dim=1)  # query head h reads KV head h // groups
-        logits = queries[:, :, -window:] @ grouped_keys.transpose(2, 3) * scaling
+        logits = queries[:, :, queries.shape[-2] - window :] @ grouped_keys.transpose(2, 3) * scaling
         causal = torch.full_like(logits, float("-inf")).triu(diagonal=n - window + 1)
         weights = torch.softmax(logits + causal, dim=-1, dtype=torch.float32).to(queries.dtype)[..., :-window]
         scores = F.avg_pool1d(

@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlib.presses.base import Press, n_kept
+from kvlib.presses.base import Press, n_kept, option
 from kvlib.presses.registry import register
 
 
@@ -11,8 +11,11 @@ from kvlib.presses.registry import register
 class StreamingLLMPress(Press):
     """StreamingLLM (Xiao et al., 2023): keep the first `n_sink` tokens (attention sinks) and the most recent ones."""
 
-    n_sink: int = 4
+    n_sink: int = option(4, minimum=0)
     name = "streaming_llm"
+
+    def queries_needed(self) -> int:
+        return 0
 
     def min_prefix_length(self) -> int:
         return self.n_sink + 1

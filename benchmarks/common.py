@@ -1,0 +1,48 @@
+"""What the benchmarks share: the bundled model, real text windows, and interleaved timing with medians/IQR."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> str:
+    return os.environ.get("KVLIB_DATA_DIR") or str(REPO.parent / "shared" / "data")
+
+
+def wikitext_windows(tokenizer, length: int, count: int) -> np.ndarray:
+    from kvlib import data
+
+    return data.load_windows("wikitext", tokenizer, length, max_samples=count, data_dir=data_dir())
+
+
+def interleaved(configs: dict[str, Callable[[], object]], repetitions: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each config, run round-robin (a, b, c, a, b, c, ...) so drift hits all alike."""
+    for _ in range(warmup):
+        for call in configs.values():
+            call()
+    times: dict[str, list[float]] = {name: [] for name in configs}
+    for _ in range(repetitions):
+        for name, call in configs.items():
+            started = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - started)
+    return times
+
+
+def median_iqr(values) -> tuple[float, float]:
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return float(median), float(q3 - q1)
+
+
+def machine_line() -> str:
+    import torch
+
+    load = os.getloadavg()[0]
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, load avg {load:.2f}"

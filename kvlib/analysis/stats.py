@@ -1,0 +1,36 @@
+"""Statistics of the study: perplexity, medians with their spread, the paired bootstrap, ratios."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+BOOTSTRAP_SAMPLES = 2000
+
+
+def perplexity(records: list[dict]) -> float:
+    """exp(sum of suffix NLL / sum of suffix tokens) over per-window records."""
+    return float(np.exp(sum(r["nll_sum"] for r in records) / sum(r["n_tokens"] for r in records)))
+
+
+def median_iqr(values: list[float]) -> tuple[float, float]:
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return float(median), float(q3 - q1)
+
+
+def ppl_delta_ci(method: list[dict], baseline: list[dict], seed: int = 0) -> tuple[float, float]:
+    """95% interval of ppl(method) - ppl(baseline) by paired bootstrap over windows (same windows resampled
+    for both)."""
+    if [r["window"] for r in method] != [r["window"] for r in baseline]:
+        raise ValueError("paired bootstrap needs the same windows for method and baseline")
+    nll = np.array([[r["nll_sum"] for r in method], [r["nll_sum"] for r in baseline]])
+    tokens = np.array([r["n_tokens"] for r in method], dtype=float)
+    picks = np.random.default_rng(seed).integers(0, len(tokens), size=(BOOTSTRAP_SAMPLES, len(tokens)))
+    ppl = np.exp(nll[:, picks].sum(axis=-1) / tokens[picks].sum(axis=-1))  # [2, samples]
+    low, high = np.percentile(ppl[0] - ppl[1], [2.5, 97.5])
+    return float(low), float(high)
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    return numerator / denominator if denominator and not math.isnan(denominator) else math.nan

@@ -1,0 +1,174 @@
+"""The metrics tables: one row per method x ratio, built from the stored results of one settings set.
+
+The study hands over exactly the results whose identity matches the run's settings (`kvlib.study.cells`), so a
+table never mixes settings, models or text; its baseline row has the same identity as the others.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from kvlib.analysis.stats import median_iqr, perplexity, ppl_delta_ci, ratio
+from kvlib.files import atomic_write, slug
+
+BASELINE = ("none", 0.0)
+TIMING_FIELDS = ("prefill_time", "ttft", "tpot", "throughput", "decode_time", "total_generation_time")
+METRIC_COLUMNS = [
+    "method",
+    "compression_ratio",
+    "ppl",
+    "ppl_delta",
+    "prefill_time",
+    "ttft",
+    "tpot",
+    "throughput",
+    "decode_time",
+    "total_generation_time",
+    "prefill_speedup",
+    "ttft_speedup",
+    "tpot_speedup",
+    "throughput_ratio",
+]
+# A timed cell is flagged when other processes kept this much of a core busy (median over its runs and its
+# baseline's), or when its prefill or TPOT spread (IQR / median) exceeds SPREAD_LIMIT.
+BUSY_LIMIT = 0.25
+SPREAD_LIMIT = 0.10
+
+
+def _timing_flag(runs: list[dict], baseline_runs: list[dict]) -> tuple[float, float, str]:
+    spreads = []
+    for field in ("prefill_time", "tpot"):
+        for group in (runs, baseline_runs):
+            median, iqr = median_iqr([r[field] for r in group])
+            spreads.append(iqr / median if median else math.nan)
+    spread = float(np.nanmax(spreads)) if spreads else math.nan
+    busy_values = [r.get("other_cpu", math.nan) for r in runs + baseline_runs]
+    busy = float(np.nanmedian(busy_values)) if not all(math.isnan(v) for v in busy_values) else math.nan
+    reasons = []
+    if busy > BUSY_LIMIT:
+        reasons.append(f"busy machine ({busy:.2f} other cores)")
+    if spread > SPREAD_LIMIT:
+        reasons.append(f"spread {100 * spread:.0f}%")
+    return spread, busy, "; ".join(reasons)
+
+
+def metrics_table(cells: list[dict]) -> pd.DataFrame:
+    """One row per method x ratio from `ppl` and `latency` results of one settings set."""
+    by_kind: dict[str, dict[tuple[str, float], dict]] = {"ppl": {}, "latency": {}}
+    for cell in cells:
+        if cell["kind"] in by_kind:
+            by_kind[cell["kind"]][(cell["method"], float(cell["compression_ratio"]))] = cell
+    ppl_cells, latency_cells = by_kind["ppl"], by_kind["latency"]
+    keys = sorted(set(ppl_cells) | set(latency_cells), key=lambda k: (k != BASELINE, k[0], k[1]))
+    base_ppl = ppl_cells.get(BASELINE)
+    rows = []
+    for method, compression_ratio in keys:
+        row: dict[str, Any] = {"method": method, "compression_ratio": compression_ratio}
+        ppl_cell, latency_cell = (
+            ppl_cells.get((method, compression_ratio)),
+            latency_cells.get((method, compression_ratio)),
+        )
+        for cell in (ppl_cell, latency_cell):
+            if cell:
+                row.update({"options": json.dumps(cell["options"], sort_keys=True), **cell["settings"]})
+                row.update(cell.get("identity_columns", {}))
+        if ppl_cell:
+            records = ppl_cell["records"]
+            row["ppl"] = perplexity(records)
+            row["n_ppl_windows"] = len(records)
+            row["n_ppl_tokens"] = sum(r["n_tokens"] for r in records)
+            row["cache_length"] = float(np.mean([r["cache_length"] for r in records]))
+            row["ppl_effective_ratio"] = ppl_cell.get("effective_ratio", math.nan)
+            if base_ppl:
+                row["ppl_delta"] = row["ppl"] - perplexity(base_ppl["records"])
+                seed = ppl_cell["settings"].get("seed", 0)
+                row["ppl_delta_ci_low"], row["ppl_delta_ci_high"] = ppl_delta_ci(records, base_ppl["records"], seed)
+        if latency_cell:
+            runs, baseline_runs = latency_cell["runs"], latency_cell["baseline_runs"]
+            for field in TIMING_FIELDS:
+                row[field], row[f"{field}_iqr"] = median_iqr([r[field] for r in runs])
+                row[f"baseline_{field}"] = median_iqr([r[field] for r in baseline_runs])[0]
+            row["kv_bytes"] = runs[0]["kv_bytes"]
+            row["kv_bytes_ratio"] = ratio(runs[0]["kv_bytes"], baseline_runs[0]["kv_bytes"])
+            row["n_timing_runs"] = len(runs)
+            row["timing_spread"], row["other_cpu"], row["timing_flag"] = _timing_flag(runs, baseline_runs)
+            # Against the baseline runs interleaved with this cell's own (same notebook, same rounds).
+            row["prefill_speedup"] = ratio(row["baseline_prefill_time"], row["prefill_time"])
+            row["ttft_speedup"] = ratio(row["baseline_ttft"], row["ttft"])
+            row["tpot_speedup"] = ratio(row["baseline_tpot"], row["tpot"])
+            row["throughput_ratio"] = ratio(row["throughput"], row["baseline_throughput"])
+        row.update((latency_cell or ppl_cell)["provenance"])
+        rows.append(row)
+
+    table = pd.DataFrame(rows)
+    for column in METRIC_COLUMNS:
+        if column not in table:
+            table[column] = math.nan
+    rest = [c for c in table.columns if c not in METRIC_COLUMNS]
+    return table[METRIC_COLUMNS + rest]
+
+
+def window_records(cells: list[dict]) -> pd.DataFrame:
+    """Per-window PPL records and per-run timings, one row each."""
+    frames = []
+    for cell in cells:
+        key = {"ppl": "records", "latency": "runs"}.get(cell["kind"])
+        if key is None:
+            continue
+        frame = pd.DataFrame(cell[key])
+        frame.insert(0, "kind", cell["kind"])
+        frame.insert(1, "method", cell["method"])
+        frame.insert(2, "compression_ratio", cell["compression_ratio"])
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def table_paths(output_dir: str | os.PathLike, model: str, dataset: str) -> dict[str, Path]:
+    stem = Path(output_dir) / f"{slug(model)}_{dataset}"
+    return {
+        "csv": Path(f"{stem}_kv_metrics.csv"),
+        "json": Path(f"{stem}_kv_metrics.json"),
+        "windows": Path(f"{stem}_kv_windows.csv"),
+    }
+
+
+def write_table(table: pd.DataFrame, csv_path: Path, json_path: Path) -> list[Path]:
+    with atomic_write(csv_path) as handle:
+        table.to_csv(handle, index=False)
+    with atomic_write(json_path) as handle:
+        handle.write(table.to_json(orient="records", indent=2))
+    return [csv_path, json_path]
+
+
+REQUIRED_COLUMNS = ("model", "dataset", "method", "compression_ratio")
+
+
+def read_metrics_csv(path: str | os.PathLike) -> pd.DataFrame:
+    """A metrics table written by kvlib; a clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics CSV not found: {path.resolve()}")
+    try:
+        table = pd.read_csv(path)
+    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise ValueError(f"{path} is not a kvlib metrics table ({type(error).__name__}: {error})") from error
+    missing = [c for c in (*REQUIRED_COLUMNS, *METRIC_COLUMNS) if c not in table]
+    if missing:
+        raise ValueError(f"{path} is not a kvlib metrics table: it lacks the columns {', '.join(missing)}")
+    return table
+
+
+def read_tables(results_dir: str | os.PathLike) -> pd.DataFrame:
+    """Every per-dataset metrics table under `results_dir` (not the combined `_all_` ones), stacked."""
+    folder = Path(results_dir).resolve()
+    paths = sorted(p for p in folder.glob("*_kv_metrics.csv") if not p.name.endswith("_all_kv_metrics.csv"))
+    if not paths:
+        raise FileNotFoundError(f"no *_kv_metrics.csv files in {folder}")
+    return pd.concat([read_metrics_csv(p) for p in paths], ignore_index=True)

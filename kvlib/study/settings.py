@@ -1,0 +1,101 @@
+"""The study's settings and every check that needs no model weights, so that bad input fails in seconds."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from kvlib import data
+from kvlib.measure import KINDS
+from kvlib.presses import PRESSES, check_press_name, load_press
+from kvlib.presses.base import check_ratio
+
+DEFAULT_RATIOS = (0.1, 0.3, 0.5, 0.7)
+DEFAULT_METHODS = tuple(name for name in PRESSES if name != "none")
+# Settings that identify every result, whatever its kind (each kind adds its own protocol settings).
+COMMON_SETTINGS = ("max_length", "max_samples", "pg19_max_chars", "seed", "device", "dtype")
+
+
+@dataclass
+class Settings:
+    """Everything that defines one comparable set of rows. Defaults are the original study's."""
+
+    model: str = "EleutherAI/pythia-70m"
+    dataset: str = "wikitext"
+    max_length: int = 1024
+    prefix_ratio: float = 0.5
+    max_samples: int | None = 100
+    n_ppl: int = 20
+    n_timing: int = 20
+    gen_tokens: int = 32
+    warmup_times: int = 4
+    data_dir: str | None = None
+    pg19_max_chars: int = data.PG19_MAX_CHARS
+    seed: int = 0
+    device: str | None = None
+    dtype: str | None = None
+    output_dir: str = "results"
+    press_options: dict[str, dict] = field(default_factory=dict)
+
+    def datasets(self) -> list[str]:
+        return list(data.DATASETS) if self.dataset == "all" else [self.dataset]
+
+    def for_kind(self, kind: str) -> dict:
+        """The protocol settings a result of `kind` is identified by."""
+        return {name: getattr(self, name) for name in COMMON_SETTINGS + KINDS[kind].SETTINGS}
+
+
+def cells(methods: list[str], ratios: list[float]) -> list[tuple[str, float]]:
+    """The baseline first, then every method x ratio (each once)."""
+    grid = [("none", 0.0)] + [(m, float(r)) for m in methods if m != "none" for r in ratios]
+    return list(dict.fromkeys(grid))
+
+
+def _integer(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
+
+
+def validate(settings: Settings, methods: list[str], ratios: list[float], kinds: list[str]) -> None:
+    """Every check that needs no model weights and no text, so bad input fails in seconds."""
+    if settings.dataset != "all":
+        data.check_dataset(settings.dataset)
+    for method in methods:
+        check_press_name(method)
+    for ratio in ratios:
+        check_ratio(ratio)
+    for kind in kinds:
+        if kind not in KINDS:
+            raise ValueError(f"unknown measurement {kind!r}; choose from {', '.join(KINDS)}")
+    if not isinstance(settings.prefix_ratio, (int, float)) or math.isnan(settings.prefix_ratio):
+        raise ValueError(f"prefix_ratio must be in (0, 1); got {settings.prefix_ratio!r}")
+    if not 0 < settings.prefix_ratio < 1:
+        raise ValueError(f"prefix_ratio must be in (0, 1); got {settings.prefix_ratio!r}")
+    for name in ("max_length", "n_ppl", "n_timing"):
+        _integer(name, getattr(settings, name), 1)
+    if settings.max_samples is not None:
+        _integer("max_samples", settings.max_samples, 1)
+    _integer("warmup_times", settings.warmup_times, 0)
+    _integer("gen_tokens", settings.gen_tokens, 2)
+    _integer("pg19_max_chars", settings.pg19_max_chars, 1)
+    if settings.max_samples is not None and "ppl" in kinds and settings.n_ppl > settings.max_samples:
+        raise ValueError(f"n_ppl ({settings.n_ppl}) exceeds max_samples ({settings.max_samples})")
+    if not isinstance(settings.press_options, dict):
+        raise ValueError(f"press_options must map press names to options; got {settings.press_options!r}")
+    for name, options in settings.press_options.items():
+        check_press_name(name)
+        if not isinstance(options, dict):
+            raise ValueError(f"press_options for {name!r} must be an object of options; got {options!r}")
+    presses = [build_press(settings, method, ratio) for method, ratio in cells(methods, ratios)]
+    for kind in kinds:
+        KINDS[kind].check(settings, presses)
+    if settings.device is not None:
+        from kvlib.models import check_device
+
+        check_device(settings.device)
+    data.resolve_data_dir(settings.data_dir)  # raises if data_dir is not a directory
+
+
+def build_press(settings: Settings, method: str, ratio: float):
+    """The press of one cell, its options from `settings.press_options` (validated as the press is built)."""
+    return load_press(method, ratio, **settings.press_options.get(method, {}))
