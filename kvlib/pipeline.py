@@ -165,7 +165,7 @@ def run_preset(name: str, output_dir: str | None = None, log: Callable[[str], No
 def _run_notebooks(name, preset: Preset, settings: study.Settings, output: Path, kinds, log) -> list[Path]:
     started = time.perf_counter()
     settings.dataset = "all" if len(preset.datasets) > 1 else preset.datasets[0]
-    plans = study.plan_run(settings, preset.methods, preset.ratios, kinds, log).datasets  # checks all text
+    plans = study.plan_run(settings, preset.methods, preset.ratios, kinds).datasets  # checks all text
     written: list[Path] = []
     executed = output / "notebooks"
     common = {**_protocol_parameters(settings), "methods": preset.methods, "ratios": preset.ratios}

@@ -60,7 +60,7 @@ def wanted_identity(settings: Settings, model_id: dict, text: dict, kind: str, m
     return store.identity(kind, model_id, text, settings.for_kind(kind), method, ratio, options)
 
 
-def plan_dataset(settings, dataset, tokenizer, model_id, methods, ratios, kinds, log) -> DatasetPlan:
+def plan_dataset(settings, dataset, tokenizer, model_id, methods, ratios, kinds) -> DatasetPlan:
     windows = data.load_windows(
         dataset, tokenizer, settings.max_length, settings.max_samples, settings.data_dir, settings.pg19_max_chars,
         min_windows=settings.n_ppl if "ppl" in kinds else 1,
@@ -113,9 +113,7 @@ class RunPlan:
     datasets: list[DatasetPlan]
 
 
-def plan_run(
-    settings: Settings, methods: list[str], ratios: list[float], kinds: list[str], log: Callable[[str], None] = print
-) -> RunPlan:
+def plan_run(settings: Settings, methods: list[str], ratios: list[float], kinds: list[str]) -> RunPlan:
     """Everything a run decides before loading weights: checked settings, the model's identity, every dataset's
     windows (all datasets are read and checked before the first measurement) and what is still to measure."""
     validate(settings, methods, ratios, kinds)
@@ -125,8 +123,7 @@ def plan_run(
     model_id = models.fingerprint(settings.model)
     tokenizer = models.load_tokenizer(settings.model)
     plans = [
-        plan_dataset(settings, dataset, tokenizer, model_id, methods, ratios, kinds, log)
-        for dataset in settings.datasets()
+        plan_dataset(settings, dataset, tokenizer, model_id, methods, ratios, kinds) for dataset in settings.datasets()
     ]
     return RunPlan(model_id, tokenizer, plans)
 
@@ -148,7 +145,7 @@ def run(
     kinds = list(kinds or KINDS)
     validate(settings, methods, ratios, kinds)  # bad input fails before the output directory is touched
     with store.output_lock(settings.output_dir):
-        planned = plan_run(settings, methods, ratios, kinds, log)
+        planned = plan_run(settings, methods, ratios, kinds)
         model = None
         written: list[Path] = []
         for plan in planned.datasets:
@@ -181,6 +178,7 @@ def measure_kind(settings, model, planned: RunPlan, plan: DatasetPlan, kind: str
         "model_fingerprint": (planned.model_id.get("sha256") or planned.model_id.get("revision", ""))[:12],
         "windows_sha256": plan.text["windows_sha256"][:12],
     }
+    origin = provenance(settings.device, settings.dtype)  # one git call per group, not per result
     started = time.perf_counter()
     written = []
     for label, result in KINDS[kind].measure(model, planned.tokenizer, plan.windows, presses, settings, log):
@@ -195,7 +193,7 @@ def measure_kind(settings, model, planned: RunPlan, plan: DatasetPlan, kind: str
             "identity_columns": identity_columns,
             **result,
             "group_wall_time": time.perf_counter() - started,
-            "provenance": provenance(settings.device, settings.dtype),
+            "provenance": origin,
         }
         path = store.cell_path(settings.output_dir, settings.model, plan.dataset, wanted)
         write_json(path, cell)
