@@ -59,7 +59,9 @@ def _methods(table: pd.DataFrame) -> list[str]:
 
 def _color(table: pd.DataFrame) -> alt.Color:
     """One colour per method, the same in every chart of the same table."""
-    return alt.Color("method:N", title="method (click)", scale=alt.Scale(domain=_methods(table)))
+    methods = _methods(table)
+    scheme = "tableau10" if len(methods) <= 10 else "tableau20"  # no two methods share a colour
+    return alt.Color("method:N", title="method (click)", scale=alt.Scale(domain=methods, scheme=scheme))
 
 
 def _methods_selection() -> alt.Parameter:
@@ -73,7 +75,7 @@ def _dim(chart: alt.Chart, selection: alt.Parameter) -> alt.Chart:
 def _ratio_x() -> alt.X:
     return alt.X("compression_ratio:Q", title="compression ratio (fraction of prefix KV removed)",
                  scale=alt.Scale(zero=False, padding=14),
-                 axis=alt.Axis(labelAngle=0, format="~g", tickMinStep=0.1))  # fmt: skip
+                 axis=alt.Axis(labelAngle=0, tickMinStep=0.1))  # fmt: skip
 
 
 def _panel_rows(table: pd.DataFrame) -> pd.Series:
@@ -296,7 +298,7 @@ def speed_chart(
     ]
     timed = alt.datum.kind == SPEED_PANELS[0]
     pressed = alt.Chart().transform_filter(shown & (alt.datum.method != "none")).encode(x=_ratio_x(), tooltip=tooltip)
-    y = alt.Y("value:Q", title=None, scale=alt.Scale(zero=False), axis=alt.Axis(format="~g"))
+    y = alt.Y("value:Q", title=None, scale=alt.Scale(zero=False))  # Vega's default labels: 70, 3.5, 0.99
     lines = pressed.mark_line(point=alt.OverlayMarkDef(size=50, filled=True)).encode(y=y, color=_color(table))
     errors = (
         pressed.transform_filter(timed).mark_rule(strokeWidth=1.5).encode(y="low:Q", y2="high:Q", color=_color(table))
