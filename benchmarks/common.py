@@ -23,13 +23,15 @@ def wikitext_windows(tokenizer, length: int, count: int) -> np.ndarray:
 
 
 def interleaved(configs: dict[str, Callable[[], object]], repetitions: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each config, run round-robin (a, b, c, a, b, c, ...) so drift hits all alike."""
+    """Seconds per call of each config, run round-robin (a, b, c, c, b, a, a, b, ...) so drift hits all alike and
+    no config always runs right after the same one."""
     for _ in range(warmup):
         for call in configs.values():
             call()
     times: dict[str, list[float]] = {name: [] for name in configs}
-    for _ in range(repetitions):
-        for name, call in configs.items():
+    for round_ in range(repetitions):
+        order = list(configs.items())
+        for name, call in order if round_ % 2 == 0 else order[::-1]:
             started = time.perf_counter()
             call()
             times[name].append(time.perf_counter() - started)

@@ -28,9 +28,15 @@ class Preset:
     settings: study.Settings
     datasets: list[str] = field(default_factory=lambda: list(DATASETS))
     methods: list[str] = field(default_factory=lambda: list(study.DEFAULT_METHODS))
+    # Methods whose latency is measured (None: all of `methods`); timing every press may not fit a time budget.
+    latency_methods: list[str] | None = None
     ratios: list[float] = field(default_factory=lambda: list(study.DEFAULT_RATIOS))
     needs_hub: bool = False
     tiny_model: bool = False
+
+
+# The study's original presses; the offline preset times these and scores every press for perplexity.
+ORIGINAL_METHODS = ("knorm", "snapkv", "streaming_llm", "lagkv", "random")
 
 
 def local_data_dir() -> str:
@@ -54,7 +60,8 @@ def presets() -> dict[str, Preset]:
                 warmup_times=1,
                 gen_tokens=32,
                 pg19_max_chars=400_000,
-            )
+            ),
+            latency_methods=list(ORIGINAL_METHODS),
         ),
         # A tiny random model through every step in about a minute: plumbing, not numbers. Used by CI.
         "smoke": Preset(
@@ -172,6 +179,10 @@ def _run_notebooks(name, preset: Preset, settings: study.Settings, output: Path,
     protocol = {"prefix_ratio": settings.prefix_ratio, "n_ppl": settings.n_ppl, "gen_tokens": settings.gen_tokens,
                 "warmup_times": settings.warmup_times, "n_timing": settings.n_timing}  # fmt: skip
     common |= protocol  # every notebook gets the whole protocol, so each writes the tables of the whole run
+    timed = preset.latency_methods or preset.methods
+    methods_of = {None: preset.methods, "ppl": preset.methods, "latency": timed}
+    for plan in plans:  # the latency notebook measures only the preset's latency methods
+        plan.pending["latency"] = [cell for cell in plan.pending["latency"] if cell[0] in ("none", *timed)]
     steps = len(plans) * 3 + 1
     step = 0
     for plan in plans:
@@ -185,7 +196,8 @@ def _run_notebooks(name, preset: Preset, settings: study.Settings, output: Path,
                 # Keep the executed copy that measured these cells rather than a run that only reads them back.
                 log(f"  skipped: every cell is stored and {target} is the notebook that measured them")
                 continue
-            written.append(_execute(notebook, target, {**common, "dataset": plan.dataset}, log))
+            parameters = {**common, "dataset": plan.dataset, "methods": methods_of[kind]}
+            written.append(_execute(notebook, target, parameters, log))
     step += 1
     log(f"== [{step}/{steps}] analysis and report")
     analysis = _execute("04_analysis.ipynb", executed / "04_analysis.ipynb",

@@ -224,6 +224,15 @@ def observations(table: pd.DataFrame) -> str:
                 f"{'' if significant else ', not distinguishable from the baseline'}), worst **{worst.method}** "
                 f"(Δppl {_fmt(worst.ppl_delta, '+.3f')})."
             )
+            ranked = at_ratio.sort_values("ppl_delta")
+            lines.append(
+                "    - ranking by Δppl [95% CI]: "
+                + " · ".join(
+                    f"{r.method} {_fmt(r.ppl_delta, '+.2f')} [{_fmt(r.ppl_delta_ci_low, '+.2f')}, "
+                    f"{_fmt(r.ppl_delta_ci_high, '+.2f')}]"
+                    for r in ranked.itertuples()
+                )
+            )
             random = at_ratio[at_ratio.method == "random"]
             if not random.empty:
                 beaten = at_ratio[(at_ratio.method != "random") & (at_ratio.ppl_delta > random.ppl_delta.iloc[0])]
@@ -237,6 +246,10 @@ def observations(table: pd.DataFrame) -> str:
                 f"{_fmt(top.prefill_speedup.min())}–{_fmt(top.prefill_speedup.max())}x (scoring costs prefill time), "
                 f"KV cache {_fmt(100 * top.kv_bytes_ratio.median(), '.0f')}% of the baseline's."
             )
+        if "tpot" in part and part.tpot.notna().any():
+            untimed = sorted(set(pressed.method) - set(part.dropna(subset=["tpot"]).method))
+            if untimed:
+                lines.append(f"  - latency not measured (the run's latency subset) for: {', '.join(untimed)}.")
         if "timing_flag" in part:
             flagged = part[part.timing_flag.fillna("").astype(str).str.strip() != ""]
             if not flagged.empty:
