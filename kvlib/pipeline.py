@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from kvlib import study
@@ -31,8 +31,23 @@ class Preset:
     # Methods whose latency is measured (None: all of `methods`); timing every press may not fit a time budget.
     latency_methods: list[str] | None = None
     ratios: list[float] = field(default_factory=lambda: list(study.DEFAULT_RATIOS))
+    # Kinds that sweep context lengths, each with its own grid and protocol: kind -> parameters of its notebook
+    # that differ from the preset's (e.g. methods, ratios, lengths, datasets, n_timing).
+    sweeps: dict[str, dict] = field(default_factory=dict)
     needs_hub: bool = False
     tiny_model: bool = False
+
+
+@dataclass
+class NotebookJob:
+    """One notebook of a study: what to run, where its executed copy goes, and how many cells it still has to
+    measure (a job whose cells are all stored and whose executed copy exists is skipped)."""
+
+    notebook: str
+    target: Path
+    parameters: dict
+    pending: int
+    label: str
 
 
 # The study's original presses; the offline preset times these and scores every press for perplexity.
@@ -154,7 +169,7 @@ def run_preset(name: str, output_dir: str | None = None, log: Callable[[str], No
     preset = available[name]
     output = Path(output_dir or ("results/smoke" if name == "smoke" else "results")).resolve()
     settings = replace(preset.settings, output_dir=str(output))
-    kinds = list(study.KINDS)
+    kinds = list(tables.METRIC_KINDS)  # the sweeps' grids are checked as their jobs are planned
     if preset.tiny_model:
         settings.model = str(output / "model" / "tiny-gpt-neox")
     study.validate(settings, preset.methods, preset.ratios, kinds)
@@ -169,43 +184,70 @@ def run_preset(name: str, output_dir: str | None = None, log: Callable[[str], No
         return _run_notebooks(name, preset, settings, output, kinds, log)
 
 
-def _run_notebooks(name, preset: Preset, settings: study.Settings, output: Path, kinds, log) -> list[Path]:
-    started = time.perf_counter()
-    settings.dataset = "all" if len(preset.datasets) > 1 else preset.datasets[0]
-    plans = study.plan_run(settings, preset.methods, preset.ratios, kinds).datasets  # checks all text
-    written: list[Path] = []
+# The notebook that measures each kind (executed once per dataset of its grid).
+NOTEBOOK_OF = {"ppl": "02_ppl.ipynb", "latency": "03_latency.ipynb"}
+
+
+def study_jobs(preset: Preset, settings: study.Settings, output: Path) -> list[list[NotebookJob]]:
+    """The study's notebooks in stages: data preparation per dataset, then every measuring notebook (independent
+    of each other), then the analysis. Reads and checks all text and every grid before anything is measured."""
     executed = output / "notebooks"
     common = {**_protocol_parameters(settings), "methods": preset.methods, "ratios": preset.ratios}
     protocol = {"prefix_ratio": settings.prefix_ratio, "n_ppl": settings.n_ppl, "gen_tokens": settings.gen_tokens,
                 "warmup_times": settings.warmup_times, "n_timing": settings.n_timing}  # fmt: skip
     common |= protocol  # every notebook gets the whole protocol, so each writes the tables of the whole run
-    timed = preset.latency_methods or preset.methods
-    methods_of = {None: preset.methods, "ppl": preset.methods, "latency": timed}
-    for plan in plans:  # the latency notebook measures only the preset's latency methods
-        plan.pending["latency"] = [cell for cell in plan.pending["latency"] if cell[0] in ("none", *timed)]
-    steps = len(plans) * 3 + 1
-    step = 0
-    for plan in plans:
-        per_dataset = [("01_data_prep.ipynb", None), ("02_ppl.ipynb", "ppl"), ("03_latency.ipynb", "latency")]
-        for notebook, kind in per_dataset:
-            step += 1
-            log(f"== [{step}/{steps}] {plan.dataset}: {notebook} (elapsed {time.perf_counter() - started:.0f} s)")
-            target = executed / plan.dataset / notebook
-            pending = sum(len(p) for p in plan.pending.values()) if kind is None else len(plan.pending[kind])
-            if target.exists() and not pending:
-                # Keep the executed copy that measured these cells rather than a run that only reads them back.
-                log(f"  skipped: every cell is stored and {target} is the notebook that measured them")
-                continue
-            parameters = {**common, "dataset": plan.dataset, "methods": methods_of[kind]}
-            written.append(_execute(notebook, target, parameters, log))
-    step += 1
-    log(f"== [{step}/{steps}] analysis and report")
-    analysis = _execute("04_analysis.ipynb", executed / "04_analysis.ipynb",
-                        {"results_dir": str(output), "time_metric": "tpot", "explore": False}, log)  # fmt: skip
+    grids = {"ppl": {}, "latency": {"methods": preset.latency_methods or preset.methods}, **preset.sweeps}
+    prepare, measure = [], []
+    pending_of: dict[str, int] = {}
+    for kind, grid in grids.items():
+        parameters = {**common, **grid}
+        datasets = parameters.pop("datasets", preset.datasets)
+        for dataset in datasets:
+            kind_settings = replace(settings, dataset=dataset, **_settings_overrides(parameters))
+            plans = study.plan_run(kind_settings, parameters["methods"], parameters["ratios"], [kind]).datasets
+            pending = sum(len(plan.pending[kind]) for plan in plans)
+            pending_of[dataset] = pending_of.get(dataset, 0) + pending
+            target = executed / dataset / NOTEBOOK_OF[kind]
+            label = f"{dataset}: {target.name}"
+            measure.append(NotebookJob(target.name, target, {**parameters, "dataset": dataset}, pending, label))
+    for dataset in preset.datasets:
+        target = executed / dataset / "01_data_prep.ipynb"
+        parameters = {**common, "dataset": dataset}
+        label = f"{dataset}: {target.name}"
+        prepare.append(NotebookJob(target.name, target, parameters, pending_of.get(dataset, 0), label))
+    analysis_parameters = {"results_dir": str(output), "time_metric": "tpot", "explore": False}
+    analysis = NotebookJob("04_analysis.ipynb", executed / "04_analysis.ipynb", analysis_parameters, 1, "analysis")
+    return [prepare, measure, [analysis]]
+
+
+def _settings_overrides(parameters: dict) -> dict:
+    names = {f.name for f in fields(study.Settings)}
+    return {name: value for name, value in parameters.items() if name in names and name != "dataset"}
+
+
+def run_sequentially(jobs: list[NotebookJob], log: Callable[[str], None], started: float) -> list[Path]:
+    """The default executor: one notebook after the other, in this process's machine."""
+    written = []
+    for job in jobs:
+        log(f"== {job.label} (elapsed {time.perf_counter() - started:.0f} s)")
+        if job.target.exists() and not job.pending:
+            # Keep the executed copy that measured these cells rather than a run that only reads them back.
+            log(f"  skipped: every cell is stored and {job.target} is the notebook that measured them")
+            continue
+        written.append(_execute(job.notebook, job.target, job.parameters, log))
+    return written
+
+
+def _run_notebooks(name, preset: Preset, settings: study.Settings, output: Path, kinds, log) -> list[Path]:
+    started = time.perf_counter()
+    prepare, measure, analysis = study_jobs(preset, settings, output)
+    written = run_sequentially(prepare, log, started)
+    written += run_sequentially(measure, log, started)
+    written += run_sequentially(analysis, log, started)
     from kvlib.analysis.report import export_html
 
-    written += [analysis, export_html(analysis, output / "report.html")]
-    for plan in plans:
-        written += charts.save_pngs(tables.table_paths(output, settings.model, plan.dataset)["csv"], "tpot")
+    written.append(export_html(analysis[0].target, output / "report.html"))
+    for dataset in preset.datasets:
+        written += charts.save_pngs(tables.table_paths(output, settings.model, dataset)["csv"], "tpot")
     log(f"study '{name}' finished in {time.perf_counter() - started:.0f} s")
     return written

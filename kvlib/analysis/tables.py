@@ -130,13 +130,36 @@ def window_records(cells: list[dict]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def table_paths(output_dir: str | os.PathLike, model: str, dataset: str) -> dict[str, Path]:
+# The kinds whose results share the metrics table (one row per method x ratio at `max_length`). Every other kind
+# sweeps context lengths and has a table of its own, built by the function registered in KIND_TABLES.
+METRIC_KINDS = ("ppl", "latency")
+# kind -> (table builder, per-record builder), each taking that kind's stored cells.
+KIND_TABLES: dict[str, tuple] = {}
+
+
+def table_paths(output_dir: str | os.PathLike, model: str, dataset: str, kind: str | None = None) -> dict[str, Path]:
+    """Where the tables of one model and dataset go: the metrics table, or (with `kind`) that kind's table and
+    the per-run records beside it."""
     stem = Path(output_dir) / f"{slug(model)}_{dataset}"
+    if kind is not None and kind not in METRIC_KINDS:
+        return {
+            "csv": Path(f"{stem}_kv_{kind}.csv"),
+            "json": Path(f"{stem}_kv_{kind}.json"),
+            "records": Path(f"{stem}_kv_{kind}_records.csv"),
+        }
     return {
         "csv": Path(f"{stem}_kv_metrics.csv"),
         "json": Path(f"{stem}_kv_metrics.json"),
         "windows": Path(f"{stem}_kv_windows.csv"),
     }
+
+
+def kind_table(kind: str, cells: list[dict]) -> pd.DataFrame:
+    return KIND_TABLES[kind][0](cells)
+
+
+def kind_records(kind: str, cells: list[dict]) -> pd.DataFrame:
+    return KIND_TABLES[kind][1](cells)
 
 
 def write_table(table: pd.DataFrame, csv_path: Path, json_path: Path) -> list[Path]:

@@ -5,6 +5,11 @@ Every kind module has the same small surface, which is all the study dispatches 
 - `check(settings, presses)`: every check that needs no model weights;
 - `measure(model, tokenizer, windows, presses, settings, log)`: yields `(label, result)` for the presses
   (label -> Press) as their results are complete; a result is a JSON-able dict.
+Optional:
+- `min_windows(settings)`: how many token windows of `max_length` it needs (default 1);
+- `LENGTHS`: a kind that sweeps the context length declares its default lengths; the study then measures it at
+  each length of `settings.lengths` (else these), capped at the model's context, with `max_length` set to that
+  length, so each of its results is identified by its own length. Its table is `analysis.tables.KIND_TABLES[kind]`.
 """
 
 from kvlib.measure import latency, ppl

@@ -27,6 +27,10 @@ def prefix_length(max_length: int, prefix_ratio: float) -> int:
     return int(max_length * prefix_ratio)
 
 
+def min_windows(settings) -> int:
+    return settings.n_ppl
+
+
 def check(settings, presses: list[Press]) -> None:
     """Window split and press prefix needs, from the settings alone."""
     prefix = prefix_length(settings.max_length, settings.prefix_ratio)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +29,30 @@ def check_context(settings: Settings) -> None:
 
 @dataclass
 class DatasetPlan:
-    """One dataset of a run: its windows, their identity, and what is still to measure."""
+    """One dataset at one context length of a run: its windows, their identity, and what is still to measure."""
 
     dataset: str
+    length: int  # tokens per window: max_length, or one length of a kind that sweeps it
     windows: np.ndarray
     text: dict
     pending: dict[str, list[tuple[str, float, dict]]] = field(default_factory=dict)  # kind -> (method, ratio, id)
+
+
+def context_lengths(settings: Settings, kind: str, limit: int | None) -> list[int]:
+    """The context lengths a kind measures at: `settings.lengths` (else the kind's default sweep) for a kind that
+    sweeps them, capped at the model's context; `max_length` for the others."""
+    if not hasattr(KINDS[kind], "LENGTHS"):
+        return [settings.max_length]
+    wanted = list(settings.lengths or KINDS[kind].LENGTHS)
+    kept = [length for length in wanted if limit is None or length <= limit]
+    if not kept:
+        raise ValueError(f"every length of {kind} ({wanted}) exceeds the model's context of {limit} tokens")
+    return kept
+
+
+def at_length(settings: Settings, length: int) -> Settings:
+    """The settings of one context length: a sweep's cells are identified by their `max_length`."""
+    return settings if length == settings.max_length else replace(settings, max_length=length)
 
 
 def windows_file(output_dir: str, model: str, dataset: str, windows: np.ndarray, digest: str) -> Path:
@@ -60,12 +78,16 @@ def wanted_identity(settings: Settings, model_id: dict, text: dict, kind: str, m
     return store.identity(kind, model_id, text, settings.for_kind(kind), method, ratio, options)
 
 
+def min_windows(settings: Settings, kinds: list[str]) -> int:
+    return max((getattr(KINDS[kind], "min_windows", lambda _: 1)(settings) for kind in kinds), default=1)
+
+
 def plan_dataset(settings, dataset, tokenizer, model_id, methods, ratios, kinds) -> DatasetPlan:
     windows = data.load_windows(
         dataset, tokenizer, settings.max_length, settings.max_samples, settings.data_dir, settings.pg19_max_chars,
-        min_windows=settings.n_ppl if "ppl" in kinds else 1,
+        min_windows=min_windows(settings, kinds),
     )  # fmt: skip
-    plan = DatasetPlan(dataset, windows, text_identity(dataset, settings, windows))
+    plan = DatasetPlan(dataset, settings.max_length, windows, text_identity(dataset, settings, windows))
     for kind in kinds:
         plan.pending[kind] = []
         for method, ratio in cells(methods, ratios):
@@ -75,10 +97,10 @@ def plan_dataset(settings, dataset, tokenizer, model_id, methods, ratios, kinds)
     return plan
 
 
-def table_cells(settings: Settings, model_id: dict, plan: DatasetPlan) -> list[dict]:
-    """Every stored result whose identity is what this run's settings give for its method and ratio."""
+def table_cells(settings: Settings, model_id: dict, plan: DatasetPlan, kinds: tuple[str, ...]) -> list[dict]:
+    """Every stored result of `kinds` whose identity is what this run's settings give for its method and ratio."""
     chosen = []
-    for kind in ("ppl", "latency"):
+    for kind in kinds:
         for cell in store.stored_cells(settings.output_dir, settings.model, plan.dataset, kind):
             try:
                 wanted = wanted_identity(settings, model_id, plan.text, kind, cell["method"], cell["compression_ratio"])
@@ -89,10 +111,15 @@ def table_cells(settings: Settings, model_id: dict, plan: DatasetPlan) -> list[d
     return chosen
 
 
-def write_tables(settings: Settings, model_id: dict, plans: list[DatasetPlan]) -> list[Path]:
+def write_tables(settings: Settings, model_id: dict, plans: list[DatasetPlan], kinds: list[str]) -> list[Path]:
+    """The metrics table (perplexity and latency at `max_length`) when the run has those kinds, and one table per
+    swept kind over all its lengths; each from exactly the stored results of this run's settings."""
     written, frames = [], []
+    metric_kinds = tuple(kind for kind in tables.METRIC_KINDS if kind in kinds)
     for plan in plans:
-        chosen = table_cells(settings, model_id, plan)
+        if not metric_kinds or plan.length != settings.max_length:
+            continue
+        chosen = table_cells(settings, model_id, plan, tables.METRIC_KINDS)
         table = tables.metrics_table(chosen)
         paths = tables.table_paths(settings.output_dir, settings.model, plan.dataset)
         written += tables.write_table(table, paths["csv"], paths["json"])
@@ -100,9 +127,22 @@ def write_tables(settings: Settings, model_id: dict, plans: list[DatasetPlan]) -
             tables.window_records(chosen).to_csv(handle, index=False)
         written.append(paths["windows"])
         frames.append(table)
-    if len(plans) > 1:
+    if len(frames) > 1:
         paths = tables.table_paths(settings.output_dir, settings.model, "all")
         written += tables.write_table(pd.concat(frames, ignore_index=True), paths["csv"], paths["json"])
+    for kind in kinds:
+        if kind in tables.METRIC_KINDS:
+            continue
+        for dataset in dict.fromkeys(plan.dataset for plan in plans):
+            chosen = []
+            for plan in plans:
+                if plan.dataset == dataset and kind in plan.pending:
+                    chosen += table_cells(at_length(settings, plan.length), model_id, plan, (kind,))
+            paths = tables.table_paths(settings.output_dir, settings.model, dataset, kind)
+            written += tables.write_table(tables.kind_table(kind, chosen), paths["csv"], paths["json"])
+            with atomic_write(paths["records"]) as handle:
+                tables.kind_records(kind, chosen).to_csv(handle, index=False)
+            written.append(paths["records"])
     return written
 
 
@@ -114,16 +154,24 @@ class RunPlan:
 
 
 def plan_run(settings: Settings, methods: list[str], ratios: list[float], kinds: list[str]) -> RunPlan:
-    """Everything a run decides before loading weights: checked settings, the model's identity, every dataset's
-    windows (all datasets are read and checked before the first measurement) and what is still to measure."""
+    """Everything a run decides before loading weights: checked settings, the model's identity, the windows of
+    every dataset at every context length (all read and checked before the first measurement) and what is still
+    to measure."""
     validate(settings, methods, ratios, kinds)
     settings.device = settings.device or models.default_device()
     settings.dtype = settings.dtype or models.default_dtype(settings.device)
     check_context(settings)
+    limit = models.context_length(models.load_config(settings.model))
     model_id = models.fingerprint(settings.model)
     tokenizer = models.load_tokenizer(settings.model)
+    kinds_at: dict[int, list[str]] = {}
+    for kind in kinds:
+        for length in context_lengths(settings, kind, limit):
+            kinds_at.setdefault(length, []).append(kind)
     plans = [
-        plan_dataset(settings, dataset, tokenizer, model_id, methods, ratios, kinds) for dataset in settings.datasets()
+        plan_dataset(at_length(settings, length), dataset, tokenizer, model_id, methods, ratios, length_kinds)
+        for dataset in settings.datasets()
+        for length, length_kinds in sorted(kinds_at.items())
     ]
     return RunPlan(model_id, tokenizer, plans)
 
@@ -150,19 +198,21 @@ def run(
         written: list[Path] = []
         for plan in planned.datasets:
             todo = sum(len(p) for p in plan.pending.values())
-            done = len(kinds) * len(cells(methods, ratios)) - todo
-            log(f"{settings.model} on {plan.dataset}: {todo} cell(s) to run, {done} already done")
+            done = len(plan.pending) * len(cells(methods, ratios)) - todo
+            where = f"{plan.dataset}" + (f" at {plan.length} tokens" if plan.length != settings.max_length else "")
+            log(f"{settings.model} on {where}: {todo} cell(s) to run, {done} already done")
             if not todo:
                 continue
             written.append(windows_file(settings.output_dir, settings.model, plan.dataset, plan.windows,
                                         plan.text["windows_sha256"]))  # fmt: skip
+            length_settings = at_length(settings, plan.length)
             if model is None:
                 log(f"loading {settings.model} on {settings.device} ({settings.dtype})")
                 model = models.load_weights(settings.model, settings.device, settings.dtype)
             for kind, pending in plan.pending.items():
                 if pending:
-                    written += measure_kind(settings, model, planned, plan, kind, pending, log)
-        return written + write_tables(settings, planned.model_id, planned.datasets)
+                    written += measure_kind(length_settings, model, planned, plan, kind, pending, log)
+        return written + write_tables(settings, planned.model_id, planned.datasets, kinds)
 
 
 def measure_kind(settings, model, planned: RunPlan, plan: DatasetPlan, kind: str, pending, log) -> list[Path]:
@@ -170,7 +220,7 @@ def measure_kind(settings, model, planned: RunPlan, plan: DatasetPlan, kind: str
     store each result as it arrives."""
     labelled = {f"{method} {ratio!r}": (method, ratio, wanted) for method, ratio, wanted in pending}
     presses = {label: build_press(settings, method, ratio) for label, (method, ratio, _) in labelled.items()}
-    log(f"[{plan.dataset} {kind}] {len(presses)} cell(s): {', '.join(labelled)}")
+    log(f"[{plan.dataset} {kind} {plan.length}] {len(presses)} cell(s): {', '.join(labelled)}")
     identity_columns = {
         "model": settings.model,
         "dataset": plan.dataset,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from kvlib import data
 from kvlib.measure import KINDS
@@ -36,6 +36,9 @@ class Settings:
     dtype: str | None = None
     output_dir: str = "results"
     press_options: dict[str, dict] = field(default_factory=dict)
+    # Context lengths of the kinds that sweep them (scaling, retrieval); None: each kind's default sweep. A result
+    # of such a kind is identified by its own length (`max_length` of that result), never by this list.
+    lengths: list[int] | None = None
 
     def datasets(self) -> list[str]:
         return list(data.DATASETS) if self.dataset == "all" else [self.dataset]
@@ -86,9 +89,16 @@ def validate(settings: Settings, methods: list[str], ratios: list[float], kinds:
         check_press_name(name)
         if not isinstance(options, dict):
             raise ValueError(f"press_options for {name!r} must be an object of options; got {options!r}")
+    if settings.lengths is not None:
+        if not isinstance(settings.lengths, (list, tuple)) or not settings.lengths:
+            raise ValueError(f"lengths must be a non-empty list of token counts; got {settings.lengths!r}")
+        for length in settings.lengths:
+            _integer("every length", length, 2)
     presses = [build_press(settings, method, ratio) for method, ratio in cells(methods, ratios)]
     for kind in kinds:
-        KINDS[kind].check(settings, presses)
+        swept = hasattr(KINDS[kind], "LENGTHS")
+        for length in (settings.lengths or KINDS[kind].LENGTHS) if swept else [settings.max_length]:
+            KINDS[kind].check(replace(settings, max_length=length), presses)
     if settings.device is not None:
         from kvlib.models import check_device
 
