@@ -16,7 +16,7 @@ import torch
 from tiny_models import VOCAB, tiny_model
 
 import kvlib
-from kvlib.presses.base import fork_cache
+from kvlib.presses.base import _rescore_key, fork_cache
 
 PREFIX = 300
 CASES = [
@@ -165,7 +165,7 @@ def test_kvzip_scores_equal_kvpress(kvpress_presses, llama_run, chunk_size):
         model(ids, cache=full, use_cache=True)
     press = kvlib.load_press("kvzip", compression_ratio=0.5, n_sink=4, chunk_size=chunk_size)
     shared = kvlib.SharedPrefill.run(model, ids, [press])
-    ours = shared.rescored[repr(press)]
+    ours = shared.rescored[_rescore_key(press)]
     reference = kvpress_presses["KVzipPress"](compression_ratio=0.5, n_sink=4, chunk_size=chunk_size)
     theirs = kvpress_kvzip_scores(reference, model, ids, full)
     assert sorted(ours) == list(range(model.config.num_hidden_layers))

@@ -15,6 +15,7 @@ from tiny_models import CONFIGS, tiny_model
 
 import kvlib
 from kvlib.presses import expected_attention, kvzip, n_kept, observed_attention
+from kvlib.presses.base import _rescore_key
 from kvlib.presses.expected_attention import rotary_frequencies, unrotate
 
 NEW = ["tova", "observed_attention", "expected_attention", "keydiff", "pyramidkv", "kvzip"]
@@ -168,9 +169,9 @@ def test_kvzip_scores_do_not_depend_on_the_query_block(monkeypatch):
     model = tiny_model("qwen2")
     ids = token_ids(batch=2)[:, :PREFIX]
     press = kvlib.load_press("kvzip", compression_ratio=0.5, **PRESS_OPTIONS["kvzip"])
-    whole = kvlib.SharedPrefill.run(model, ids, [press]).rescored[repr(press)]
+    whole = kvlib.SharedPrefill.run(model, ids, [press]).rescored[_rescore_key(press)]
     monkeypatch.setattr(kvzip, "CHUNK_ELEMENTS", 500)
-    blocked = kvlib.SharedPrefill.run(model, ids, [press]).rescored[repr(press)]
+    blocked = kvlib.SharedPrefill.run(model, ids, [press]).rescored[_rescore_key(press)]
     for idx in whole:
         torch.testing.assert_close(blocked[idx], whole[idx], rtol=1e-5, atol=1e-7)
 
@@ -247,7 +248,7 @@ def test_kvzip_leaves_the_shared_cache_as_it_was():
         model(ids, cache=plain, use_cache=True)
     press = kvlib.load_press("kvzip", compression_ratio=0.5, chunk_size=24)
     shared = kvlib.SharedPrefill.run(model, ids, [press])
-    assert list(shared.rescored[repr(press)]) == [1]  # the full-attention layer only
+    assert list(shared.rescored[_rescore_key(press)]) == [1]  # the full-attention layer only
     for ours, theirs in zip(shared.cache.layers, plain.layers, strict=True):
         assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
     assert shared.query_bytes() == 2 * 2 * PREFIX * 4  # kvzip's scores: [batch, kv_heads, n] float32

@@ -23,21 +23,32 @@ def presses(ratio: float) -> dict[str, kvlib.Press]:
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
 @pytest.mark.parametrize("arch", sorted(CONFIGS))
 def test_shared_prefill_is_bit_identical(arch, implementation):
+    """Every press at two ratios from ONE shared prefill (as the study runs a dataset) equals each press alone."""
     model = tiny_model(arch, attn_implementation=implementation)
     ids = token_ids(batch=1)
+    shared_presses = {f"{label} {ratio}": press for ratio in (0.25, 0.75) for label, press in presses(ratio).items()}
+    shared = ppl.shared_window_nll(model, ids, shared_presses, PREFIX)
+    shared_kept = {label: press.last_report.kept_indices for label, press in shared_presses.items()}
     for ratio in (0.25, 0.75):
-        shared_presses = presses(ratio)
-        shared = ppl.shared_window_nll(model, ids, shared_presses, PREFIX)
-        shared_kept = {label: press.last_report.kept_indices for label, press in shared_presses.items()}
-        for label, press in presses(ratio).items():
+        for name, press in presses(ratio).items():
+            label = f"{name} {ratio}"
             alone = ppl.window_nll(model, ids, press, PREFIX)
-            assert alone == shared[label], f"{arch}/{implementation} {label} r={ratio}"
-            if label == "none":
+            assert alone == shared[label], f"{arch}/{implementation} {label}"
+            if name == "none":
                 assert shared_kept[label] == {}
                 continue
             kept = press.last_report.kept_indices
             assert kept.keys() == shared_kept[label].keys()
             assert all(torch.equal(kept[layer], shared_kept[label][layer]) for layer in kept)
+
+
+def test_a_rescoring_press_rescores_once_for_all_its_ratios():
+    model = tiny_model("llama")
+    ids = token_ids(batch=1)[:, :PREFIX]
+    kvzips = [kvlib.load_press("kvzip", compression_ratio=r, **PRESS_OPTIONS.get("kvzip", {})) for r in (0.25, 0.75)]
+    other = kvlib.load_press("kvzip", compression_ratio=0.25, **{**PRESS_OPTIONS.get("kvzip", {}), "n_sink": 0})
+    shared = kvlib.SharedPrefill.run(model, ids, [*kvzips, other])
+    assert len(shared.rescored) == 2  # one per options, not per ratio
 
 
 def test_shared_prefill_leaves_the_shared_cache_as_it_was():

@@ -200,9 +200,9 @@ class Press:
         else:
             rescored = None
             if _rescores(self):
-                if repr(self) not in shared.rescored:
+                if _rescore_key(self) not in shared.rescored:
                     raise ValueError(f"{self!r} was not among the presses given to SharedPrefill.run")
-                rescored = shared.rescored[repr(self)]
+                rescored = shared.rescored[_rescore_key(self)]
             kept = {
                 idx: self.keep(layer, None if rescored is None else rescored[idx])
                 for idx, layer in shared.layers.items()
@@ -221,6 +221,12 @@ class Press:
 def _rescores(press: Press) -> bool:
     """Whether the press runs extra passes after the prefill (overrides `Press.rescore`)."""
     return type(press).rescore is not Press.rescore
+
+
+def _rescore_key(press: Press) -> str:
+    """Rescoring depends on the press and its options, not on its ratio (the ratio only sets how many positions
+    `keep` takes from the scores): one shared prefill rescores once for all ratios of a press."""
+    return f"{type(press).__qualname__} {sorted(press.options().items())!r}"
 
 
 # --- caches ----------------------------------------------------------------------------------------------------
@@ -480,8 +486,9 @@ class _SharedRecorder(_Recorder):
 
     def rescore(self, model: nn.Module, ids: torch.Tensor | None, cache: Cache, observe: Callable) -> None:
         for press in self.presses:
-            if _rescores(press) and press.compression_ratio > 0 and self.layers and repr(press) not in self.rescored:
-                self.rescored[repr(press)] = press.rescore(model, ids, cache, observe)
+            key = _rescore_key(press)
+            if _rescores(press) and press.compression_ratio > 0 and self.layers and key not in self.rescored:
+                self.rescored[key] = press.rescore(model, ids, cache, observe)
 
     def finish(self, cache: Cache, ids: torch.Tensor | None) -> None:
         self.cache = cache
@@ -493,7 +500,7 @@ class SharedPrefill:
 
     It holds the full cache, and per full-attention layer the last `queries_needed` queries the presses read
     (the most any of them needs) and the rotary tables when one of them needs them; `rescored` holds the
-    scores of presses with a `rescore` hook (by the press's repr), computed in `run`.
+    scores of presses with a `rescore` hook (once per press and options, whatever their ratios), computed in `run`.
     """
 
     logits: torch.Tensor

@@ -31,15 +31,21 @@ class SnapKVPress(Press):
         return n
 
     def score(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
-        batch, kv_heads, n, _ = keys.shape
+        batch, kv_heads, n, dim = keys.shape
         groups = queries.shape[1] // kv_heads
         window = self.window_size
-        grouped_keys = keys.repeat_interleave(groups, dim=1)  # query head h reads KV head h // groups
-        logits = queries[:, :, queries.shape[-2] - window :] @ grouped_keys.transpose(2, 3) * scaling
-        causal = torch.full_like(logits, float("-inf")).triu(diagonal=n - window + 1)
-        weights = torch.softmax(logits + causal, dim=-1, dtype=torch.float32).to(queries.dtype)[..., :-window]
+        # Query head h reads KV head h // groups: fold each group's window queries into one matrix per KV head
+        # rather than copying the keys once per query head.
+        grouped = queries[:, :, -window:].reshape(batch, kv_heads, groups * window, dim)
+        logits = (grouped @ keys.transpose(2, 3) * scaling).view(batch, kv_heads, groups, window, n)
+        causal = torch.full((window, n), float("-inf"), dtype=logits.dtype, device=logits.device)
+        weights = torch.softmax(logits + causal.triu(diagonal=n - window + 1), dim=-1, dtype=torch.float32)
+        weights = weights.to(queries.dtype)[..., :-window].mean(dim=-2)  # [batch, kv_heads, groups, n - window]
         scores = F.avg_pool1d(
-            weights.mean(dim=-2), kernel_size=self.kernel_size, padding=self.kernel_size // 2, stride=1
+            weights.reshape(batch, kv_heads * groups, n - window),
+            kernel_size=self.kernel_size,
+            padding=self.kernel_size // 2,
+            stride=1,
         )
         scores = scores.view(batch, kv_heads, groups, n - window).mean(dim=2)
         return F.pad(scores, (0, window), value=scores.max().item())
