@@ -1,0 +1,45 @@
+"""Where compression pays: the latency protocol repeated at several context lengths.
+
+The study calls `measure` once per length of `settings.lengths` (default `LENGTHS`, capped at the model's
+context) with `max_length` = that length and windows of that length; the prompt is the first window (PG-19 by
+default: one book gives contexts of thousands of tokens). At each length every press runs exactly as in
+`kvlib.measure.latency` (the same `time_generation` and `interleaved_runs`: `warmup_times` discarded rounds,
+`n_timing` timed rounds interleaved with the baseline's, every run recording machine load and peak memory), so a
+result holds, per timed run, the prefill time under the press, the TPOT over `gen_tokens` generated tokens, the
+cache's bytes and positions after prefill, and the run's peak memory.
+
+Decode time has a part that grows with the cache and a part that does not (the weights); the analysis
+(`kvlib.analysis.scaling`) fits both from the baseline and says how much of the possible gain each press gets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from kvlib.analysis import scaling as _tables  # noqa: F401  (registers this kind's tables)
+from kvlib.measure import latency
+from kvlib.presses import Press
+
+SETTINGS = ("gen_tokens", "warmup_times", "n_timing")
+LENGTHS = (1024, 2048, 4096, 8192)
+
+
+def check(settings, presses: list[Press]) -> None:
+    """Called by the study once per context length (`settings.max_length` = that length): the latency checks."""
+    latency.check(settings, presses)
+
+
+def measure(
+    model: torch.nn.Module,
+    tokenizer,
+    windows: np.ndarray,
+    presses: dict[str, Press],
+    settings,
+    log: Callable[[str], None] = print,
+) -> Iterator[tuple[str, dict]]:
+    """The latency protocol on the first window of this length; each result also names its prompt length."""
+    for label, result in latency.measure(model, tokenizer, windows, presses, settings, log):
+        yield label, {**result, "prompt_length": int(windows.shape[1])}
