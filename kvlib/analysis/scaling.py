@@ -36,6 +36,7 @@ import pandas as pd
 
 from kvlib.analysis import charts, tables
 from kvlib.analysis.stats import median_iqr, ratio
+from kvlib.files import slug
 
 KIND = "scaling"
 BASELINE = tables.BASELINE
@@ -234,7 +235,12 @@ def _ms(seconds: float, spec: str = ".1f") -> str:
 
 
 def _mb(value: float) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value / 1e6:.0f} MB"
+    return "n/a" if value is None or math.isnan(value) else f"{value / 1e6:.3g} MB"
+
+
+def _name(model) -> str:
+    """A model as the report names it: a hub id or a file or directory name, not a whole path."""
+    return slug(str(model))
 
 
 def _range(values: pd.Series, spec: str) -> str:
@@ -252,16 +258,24 @@ def fit_summary(table: pd.DataFrame) -> str:
         try:
             line = fit(part)
         except ValueError as error:
-            lines.append(f"- **{model} / {dataset}**: no fit ({error}).")
+            lines.append(f"- **{_name(model)} / {dataset}**: no fit ({error}).")
             continue
         longest = max(line.lengths)
         share = line.c * longest / line(longest) if line(longest) else math.nan
-        lines.append(
-            f"- **{model} / {dataset}**: baseline TPOT ≈ {_ms(line.w)} + {line.c * 1e6:.2f} µs × cached positions "
-            f"(least squares over {line.n_points} lengths, {min(line.lengths)}–{longest} tokens; residual RMS "
-            f"{_ms(line.rms, '.2f')}, R² {line.r2:.3f}). At {longest} tokens the part that grows with the cache "
-            f"is {100 * share:.0f}% of the fitted TPOT: the most any press could remove there."
+        sign = "+" if line.c >= 0 else "−"
+        text = (
+            f"- **{_name(model)} / {dataset}**: baseline TPOT ≈ {_ms(line.w)} {sign} {abs(line.c) * 1e6:.2f} µs × "
+            f"cached positions (least squares over {line.n_points} lengths, {min(line.lengths)}–{longest} tokens; "
+            f"residual RMS {_ms(line.rms, '.2f')}, R² {line.r2:.3f})."
         )
+        if line.c > 0:
+            text += (
+                f" At {longest} tokens the part that grows with the cache is {100 * share:.0f}% of the fitted "
+                "TPOT: the most any press could remove there."
+            )
+        else:
+            text += " The fit finds no decode cost growing with the cache here: by it, no press can gain."
+        lines.append(text)
     return "\n".join(lines)
 
 
@@ -271,7 +285,7 @@ def observations(table: pd.DataFrame) -> str:
     for (model, dataset), part in table.groupby(["model", "dataset"], sort=True):
         pressed = part[(part["method"] != BASELINE[0]) & part["tpot_speedup"].notna()]
         lengths = sorted(part["context_length"].unique())
-        lines.append(f"- **{model} / {dataset}** at {', '.join(str(int(n)) for n in lengths)} tokens:")
+        lines.append(f"- **{_name(model)} / {dataset}** at {', '.join(str(int(n)) for n in lengths)} tokens:")
         if pressed.empty:
             lines.append("  - no compressed row yet; nothing to compare.")
             continue
@@ -307,7 +321,7 @@ def observations(table: pd.DataFrame) -> str:
                 f"  - memory at {longest} tokens: the baseline's cache holds {_mb(base['kv_bytes'].iloc[0])} and its "
                 f"run grew the process by {_mb(base['peak_memory'].iloc[0])}; at ratio "
                 f"{top['compression_ratio'].iloc[0]:g} the cache holds {_mb(top['kv_bytes'].median())} and the "
-                f"run's peak is {_range(top['peak_memory'] / 1e6, '.0f')} MB (the prefill's activations and the "
+                f"run's peak is {_range(top['peak_memory'] / 1e6, '.3g')} MB (the prefill's activations and the "
                 "full cache before pruning come first)."
             )
         flagged = part[part["timing_flag"].fillna("").astype(str).str.strip() != ""]
@@ -323,7 +337,7 @@ def table_view(table: pd.DataFrame) -> pd.DataFrame:
     """The columns a reader needs, formatted: one row per model, dataset, context length, method and ratio."""
     view = pd.DataFrame(
         {
-            "model": table["model"],
+            "model": table["model"].map(_name),
             "dataset": table["dataset"],
             "length": table["context_length"].astype(int),
             "method": table["method"],

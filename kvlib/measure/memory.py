@@ -3,14 +3,18 @@
 On CUDA the allocator says exactly: `max_memory_allocated` after `reset_peak_memory_stats`, less what was allocated
 at the start. On CPU nothing counts tensors for us, so a background thread samples the resident set size
 (`/proc/self/statm`) every `interval` seconds and keeps the largest value; the peak is that largest value less the
-RSS at the start. Caveats of the CPU figure: a peak shorter than the interval can be missed, and memory that an
-earlier span freed but the allocator kept (glibc does not always return it) is reused without growing the RSS, so
-it is a lower bound of what the span needed on top of what the process already held. Where /proc is missing the
-peak is NaN.
+RSS at the start. Memory an earlier span freed but the allocator kept would be reused without growing the RSS
+(hiding what this span needs), so on glibc the span starts by handing freed memory back to the system
+(`malloc_trim(0)`, before any timing starts); every run starts alike, so runs compare fairly. Caveats: a peak
+shorter than the interval can be missed, and without glibc the figure is a lower bound. Where /proc is missing
+the peak is NaN.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import math
 import os
 import threading
@@ -29,6 +33,22 @@ def rss_bytes() -> int | None:
         return int(_STATM.read_text().split()[1]) * _PAGE
     except (OSError, IndexError, ValueError):
         return None
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None elsewhere."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Return the memory the C allocator holds but no one uses to the system (glibc; a no-op elsewhere)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 class PeakMemory:
@@ -56,6 +76,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start = torch.cuda.memory_allocated(self.device)
             return self
+        release_freed_memory()
         start = rss_bytes()
         self._start = self._highest = start if start is not None else -1
         if start is not None:
