@@ -174,3 +174,11 @@ def test_bad_lengths_fail_before_measuring(capsys, tiny_model_dir, data_dir, tmp
                            "--lengths", *lengths, "--methods", "knorm", *FAST)  # fmt: skip
     assert code == 2 and message in err, err
     assert not list(out.rglob("*.json")) and "loading" not in err
+
+
+def test_the_analysis_side_imports_without_torch():
+    import subprocess
+    import sys
+
+    code = "import kvlib.analysis.scaling, sys; assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

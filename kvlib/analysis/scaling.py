@@ -474,7 +474,7 @@ def memory_chart(table: pd.DataFrame, panel: tuple[int, int] = SMALL_PANEL) -> a
     return (
         chart.properties(width=panel[0], height=panel[1])
         .facet(column=alt.Column("ratio_label:N", title=None, header=header),
-               row=alt.Row("row_label:N", title=None, header=header))
+               row=alt.Row("row_label:N", title=None, header=alt.Header(labelFontSize=12, labelFontWeight="bold")))
         .resolve_scale(y="independent")
         .properties(
             title=charts._title(
