@@ -21,10 +21,11 @@ import torch
 
 from kvlib.analysis import scaling as _tables  # noqa: F401  (registers this kind's tables)
 from kvlib.measure import latency
-from kvlib.presses import Press
+from kvlib.presses import Press, load_press
 
 SETTINGS = ("gen_tokens", "warmup_times", "n_timing")
 LENGTHS = (1024, 2048, 4096, 8192)
+PRIMER_TOKENS = 64
 
 
 def check(settings, presses: list[Press]) -> None:
@@ -40,6 +41,14 @@ def measure(
     settings,
     log: Callable[[str], None] = print,
 ) -> Iterator[tuple[str, dict]]:
-    """The latency protocol on the first window of this length; each result also names its prompt length."""
+    """The latency protocol on the first window of this length; each result also names its prompt length.
+
+    First one short untimed generation (the prompt's first `PRIMER_TOKENS` tokens, 2 generated): a sweep sized
+    with `warmup_times` 0 would otherwise charge the one-time costs of the process's first forward pass to its
+    first timed run (the baseline at the shortest length), which would skew that row and the fit. It costs far
+    less than a warm-up round."""
+    device = next(model.parameters()).device
+    primer = torch.as_tensor(windows[0][:PRIMER_TOKENS], device=device)[None]
+    latency.time_generation(model, primer, load_press(latency.BASELINE), 2)
     for label, result in latency.measure(model, tokenizer, windows, presses, settings, log):
         yield label, {**result, "prompt_length": int(windows.shape[1])}
