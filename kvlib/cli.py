@@ -1,4 +1,4 @@
-"""Command line: `python -m kvlib evaluate|grid|plot|presses|tiny-model`."""
+"""Command line: `python -m kvlib evaluate|grid|scaling|plot|presses|study|tiny-model`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ import time
 from dataclasses import fields
 
 from kvlib import data, study
+from kvlib.analysis import tables
 from kvlib.presses import list_presses
+
+# The scaling command's grid: three presses of different kinds (position-only, attention-based, key-norm) at
+# ratios where the cache shrinks enough to show in decode time. The baseline is always one of the cells.
+SCALING_METHODS = ("streaming_llm", "snapkv", "knorm")
+SCALING_RATIOS = (0.5, 0.7, 0.9)
 
 
 def _protocol_flags(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +61,14 @@ def _protocol_flags(parser: argparse.ArgumentParser) -> None:
     )
     add("--output_dir", default="./results", help="where result files go")
     add(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        dest="lengths",
+        help="context lengths of the kinds that sweep them (scaling); default: each kind's own sweep",
+    )
+    add(
         "--press_options",
         type=json.loads,
         default={},
@@ -89,8 +103,30 @@ def main(argv: list[str] | None = None) -> int:
 
     for command in (evaluate, grid):
         command.add_argument(
-            "--kinds", nargs="+", default=list(study.KINDS), choices=study.KINDS, help="measurements to run"
+            "--kinds",
+            nargs="+",
+            default=list(tables.METRIC_KINDS),  # the sweeps have commands of their own
+            choices=study.KINDS,
+            help="measurements to run",
         )
+
+    scaling = commands.add_parser(
+        "scaling",
+        help="where compression pays: prefill time, TPOT and memory at each context length (--lengths)",
+        description="The latency protocol at each of --lengths (default 1024 2048 4096 8192, capped at the model's "
+        "context; a length asked for beyond it is refused), the prompt being the first window of that length; "
+        "resumable like grid.",
+    )
+    _protocol_flags(scaling)
+    scaling.set_defaults(dataset="pg19")  # one book gives contexts of thousands of tokens
+    scaling.add_argument("--methods", nargs="+", default=list(SCALING_METHODS), help="press names")
+    scaling.add_argument(
+        "--ratios",
+        nargs="+",
+        type=float,
+        default=list(SCALING_RATIOS),
+        help="compression ratios of the presses (the baseline is always measured)",
+    )
 
     plot = commands.add_parser("plot", help="PNG charts of a metrics CSV")
     plot.add_argument("--csv", required=True, help="results/<model>_<dataset>_kv_metrics.csv")
@@ -146,11 +182,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     settings = _settings(args)
     if args.command == "evaluate":
-        methods, ratios = [args.method], [args.compression_ratio]
+        methods, ratios, kinds = [args.method], [args.compression_ratio], args.kinds
+    elif args.command == "scaling":
+        methods, ratios, kinds = args.methods, args.ratios, ["scaling"]
     else:
-        methods, ratios = args.methods, args.ratios
+        methods, ratios, kinds = args.methods, args.ratios, args.kinds
     started = time.perf_counter()
-    written = study.run(settings, methods, ratios, args.kinds, log=_log)
+    written = study.run(settings, methods, ratios, kinds, log=_log)
     _log(f"done in {time.perf_counter() - started:.1f} s")
     for path in written:
         print(path)

@@ -77,6 +77,24 @@ def presets() -> dict[str, Preset]:
                 pg19_max_chars=400_000,
             ),
             latency_methods=list(ORIGINAL_METHODS),
+            # Where compression pays (05_scaling, PG-19: one book gives 8192-token contexts). Sized from single
+            # measurements on this VM while other jobs ran (so slower than alone): SmolLM2's plain prefill of 1024,
+            # 2048, 4096, 8192 tokens took 2.4, 13.5, 37.7, 61 s (SnapKV at 0.5: 87 s at 8192); TPOT at 8192 was
+            # 0.35 s (0.08 s at 1024 alone, the committed latency run). Prefill dominates: one round of the 10 cells
+            # (baseline + 3 presses x 3 ratios) over the four lengths is 10 x ~115 s + 10 x 15 decoded tokens x
+            # (0.08..0.35) s, about 20 min on the busy machine and, at about twice the speed alone, 10 min. So one
+            # timed round and no warm-up round; each further round (n_timing) adds as much again.
+            sweeps={
+                "scaling": {
+                    "datasets": ["pg19"],
+                    "methods": ["streaming_llm", "snapkv", "knorm"],
+                    "ratios": [0.5, 0.7, 0.9],
+                    "lengths": [1024, 2048, 4096, 8192],
+                    "gen_tokens": 16,
+                    "warmup_times": 0,
+                    "n_timing": 1,
+                }
+            },
         ),
         # A tiny random model through every step in about a minute: plumbing, not numbers. Used by CI.
         "smoke": Preset(
@@ -92,6 +110,8 @@ def presets() -> dict[str, Preset]:
                 pg19_max_chars=100_000,
             ),
             ratios=[0.3, 0.7],
+            # The context-length sweep's plumbing: two short lengths, one press, one ratio.
+            sweeps={"scaling": {"datasets": ["pg19"], "methods": ["knorm"], "ratios": [0.5], "lengths": [256, 512]}},
             tiny_model=True,
         ),
     }
@@ -185,7 +205,7 @@ def run_preset(name: str, output_dir: str | None = None, log: Callable[[str], No
 
 
 # The notebook that measures each kind (executed once per dataset of its grid).
-NOTEBOOK_OF = {"ppl": "02_ppl.ipynb", "latency": "03_latency.ipynb"}
+NOTEBOOK_OF = {"ppl": "02_ppl.ipynb", "latency": "03_latency.ipynb", "scaling": "05_scaling.ipynb"}
 
 
 def study_jobs(preset: Preset, settings: study.Settings, output: Path) -> list[list[NotebookJob]]:

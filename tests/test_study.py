@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -93,7 +94,14 @@ def test_smoke_preset_end_to_end(tmp_path):
         assert (output / f"tiny-gpt-neox_{dataset}_kv_metrics.csv").exists()
         assert (output / "plots" / dataset / f"tiny-gpt-neox_{dataset}_tpot_vs_compression.png").exists()
         executed = sorted(p.name for p in (output / "notebooks" / dataset).glob("*.ipynb"))
-        assert executed == ["01_data_prep.ipynb", "02_ppl.ipynb", "03_latency.ipynb"]
+        sweep = ["05_scaling.ipynb"] if dataset == "pg19" else []  # the smoke sweep runs on PG-19 only
+        assert executed == ["01_data_prep.ipynb", "02_ppl.ipynb", "03_latency.ipynb", *sweep]
+    # The context-length sweep: baseline + knorm 0.5 at 256 and 512 tokens, with its fit and bound.
+    sweep_table = pd.read_csv(output / "tiny-gpt-neox_pg19_kv_scaling.csv")
+    assert sorted(zip(sweep_table.method, sweep_table.context_length, strict=True)) == [
+        ("knorm", 256), ("knorm", 512), ("none", 256), ("none", 512)]  # fmt: skip
+    assert sweep_table.bound_speedup.notna().all() and (sweep_table.peak_memory >= 0).all()
+    assert (output / "tiny-gpt-neox_pg19_kv_scaling_records.csv").exists()
 
     html_path = output / "report.html"
     html = html_path.read_text()
@@ -101,22 +109,25 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert "def " not in html and "import " not in html.split("<script")[0], "code cells must not be in the report"
     assert "Explore (JupyterLab only)" not in html
     assert "Observations" in html and "ratio 0.7: best" in html
+    assert "Where compression pays" in html and "least squares over 2 lengths" in html
 
     dom = render_in_chromium(html_path, tmp_path)
     charts = re.findall(r'<svg[^>]*class="marks"[^>]*width="(\d+)"', dom)
     assert charts, "the report's chart did not render with the network off"
     assert int(charts[0]) <= 1400, "the chart should fit a laptop screen"
     assert dom.count('class="mark-line') >= 2 and "time metric" in dom
+    assert "Decode: TPOT speedup vs context length" in dom and "Memory vs context length" in dom
 
     # Rerunning resumes: every measurement cell is skipped, no cell file is rewritten.
     cells = {p: p.stat().st_mtime_ns for p in (output / "cells").rglob("*.json")}
     methods = len(pipeline.presets()["smoke"].methods)
-    assert len(cells) == 2 * 2 * (1 + methods * 2)  # datasets x kinds x (baseline + methods x ratios)
+    # datasets x kinds x (baseline + methods x ratios), and the sweep's 2 lengths x (baseline + knorm 0.5)
+    assert len(cells) == 2 * 2 * (1 + methods * 2) + 2 * 2
     again = subprocess.run(
         [sys.executable, "-m", "kvlib", "study", "--preset", "smoke", "--output_dir", str(output)],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )  # fmt: skip
     assert again.returncode == 0
     # Every notebook of both datasets is skipped: its executed copy is the one that measured the cells.
-    assert again.stderr.count("skipped: every cell is stored") == 6, again.stderr[-2000:]
+    assert again.stderr.count("skipped: every cell is stored") == 7, again.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in (output / "cells").rglob("*.json")} == cells

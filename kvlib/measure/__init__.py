@@ -12,8 +12,8 @@ Optional:
   length, so each of its results is identified by its own length. Its table is `analysis.tables.KIND_TABLES[kind]`.
 """
 
-from kvlib.measure import latency, ppl
+from kvlib.measure import latency, ppl, scaling
 
-KINDS = {"ppl": ppl, "latency": latency}
+KINDS = {"ppl": ppl, "latency": latency, "scaling": scaling}
 
-__all__ = ["KINDS", "latency", "ppl"]
+__all__ = ["KINDS", "latency", "ppl", "scaling"]

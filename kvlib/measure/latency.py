@@ -3,7 +3,8 @@ tokens greedily (no early stop), outside the press.
 
 Runs are interleaved: baseline, press 1, press 2, ..., baseline, press 1, ... so that drift on a shared machine
 hits all of them alike; each result keeps the baseline runs it was interleaved with, and its speedups are
-computed against those. Every run records how busy the machine was (`LoadMeter`).
+computed against those. Every run records how busy the machine was (`LoadMeter`) and how far the process grew
+above where it stood when the run began (`PeakMemory`: RSS sampled on CPU, the allocator's peak on CUDA).
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from kvlib.cache import extend, kv_bytes, new_cache
+from kvlib.cache import cache_length, extend, kv_bytes, new_cache
 from kvlib.measure.machine import LoadMeter
+from kvlib.measure.memory import PeakMemory
 from kvlib.presses import Press, load_press
 
 SETTINGS = ("gen_tokens", "warmup_times", "n_timing")
@@ -38,8 +40,9 @@ def time_generation(model: torch.nn.Module, prompt: torch.Tensor, press: Press, 
     if gen_tokens < 2:
         raise ValueError(f"gen_tokens must be at least 2 (TPOT needs a token after the first); got {gen_tokens}")
     synchronize = torch.cuda.synchronize if prompt.device.type == "cuda" else (lambda: None)
-    cache = new_cache(model)
-    with LoadMeter() as meter:
+    peak = PeakMemory(prompt.device)
+    with peak, LoadMeter() as meter:
+        cache = new_cache(model)  # inside the span: the cache is part of what the run grows the process by
         synchronize()
         start = time.perf_counter()
         with press(model):
@@ -49,7 +52,7 @@ def time_generation(model: torch.nn.Module, prompt: torch.Tensor, press: Press, 
         token = logits[:, -1].argmax(dim=-1, keepdim=True)
         synchronize()
         first_token = time.perf_counter()
-        held_bytes = kv_bytes(cache)  # read outside the timed spans
+        held_bytes, held_length = kv_bytes(cache), cache_length(cache)  # read outside the timed spans
 
         synchronize()
         decode_start = time.perf_counter()
@@ -69,7 +72,9 @@ def time_generation(model: torch.nn.Module, prompt: torch.Tensor, press: Press, 
         "decode_time": decode_time,
         "total_generation_time": total,
         "kv_bytes": held_bytes,
+        "cache_length": held_length,
         **meter.record(),
+        **peak.record(),
     }
 
 

@@ -21,10 +21,16 @@ from kvlib.study.settings import DEFAULT_METHODS, DEFAULT_RATIOS, Settings, buil
 
 
 def check_context(settings: Settings) -> None:
-    """max_length against the model's context, from its config alone (no weights)."""
+    """max_length, and every length asked for with `lengths`, against the model's context, from its config alone
+    (no weights). Lengths asked for explicitly are refused beyond it; a kind's default sweep is capped instead."""
     limit = models.context_length(models.load_config(settings.model))
     if limit is not None and settings.max_length > limit:
         raise ValueError(f"max_length {settings.max_length} exceeds {settings.model}'s context of {limit} tokens")
+    beyond = [length for length in settings.lengths or [] if limit is not None and length > limit]
+    if beyond:
+        raise ValueError(
+            f"lengths {beyond} exceed {settings.model}'s context of {limit} tokens; ask for lengths up to {limit}"
+        )
 
 
 @dataclass
@@ -190,7 +196,7 @@ def run(
     """
     methods = list(methods or DEFAULT_METHODS)
     ratios = [float(r) for r in (ratios if ratios is not None else DEFAULT_RATIOS)]
-    kinds = list(kinds or KINDS)
+    kinds = list(kinds or tables.METRIC_KINDS)  # a kind that sweeps lengths runs only when asked for
     validate(settings, methods, ratios, kinds)  # bad input fails before the output directory is touched
     with store.output_lock(settings.output_dir):
         planned = plan_run(settings, methods, ratios, kinds)
