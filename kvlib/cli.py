@@ -9,6 +9,7 @@ import time
 from dataclasses import fields
 
 from kvlib import data, study
+from kvlib.analysis.tables import METRIC_KINDS
 from kvlib.presses import list_presses
 
 
@@ -55,6 +56,27 @@ def _protocol_flags(parser: argparse.ArgumentParser) -> None:
     )
     add("--output_dir", default="./results", help="where result files go")
     add(
+        "--lengths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="context lengths of the kinds that sweep them (retrieval); default: each kind's own",
+    )
+    add(
+        "--depths",
+        type=float,
+        nargs="+",
+        default=list(study.Settings().depths),
+        help="retrieval: needle depths, fractions of the context before the needle, each in [0, 1]",
+    )
+    add("--trials", type=int, default=defaults["trials"], help="retrieval: trials per context length and depth")
+    add(
+        "--question_aware",
+        action="store_true",
+        help="retrieval: put the question inside the compressed context (default: asked after it)",
+    )
+    add("--answer_tokens", type=int, default=defaults["answer_tokens"], help="retrieval: tokens decoded per answer")
+    add(
         "--press_options",
         type=json.loads,
         default={},
@@ -89,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
 
     for command in (evaluate, grid):
         command.add_argument(
-            "--kinds", nargs="+", default=list(study.KINDS), choices=study.KINDS, help="measurements to run"
+            "--kinds",
+            nargs="+",
+            default=list(METRIC_KINDS),
+            choices=study.KINDS,
+            help=f"measurements to run (default: {' '.join(METRIC_KINDS)})",
         )
 
     plot = commands.add_parser("plot", help="PNG charts of a metrics CSV")

@@ -54,6 +54,16 @@ class NotebookJob:
 ORIGINAL_METHODS = ("knorm", "snapkv", "streaming_llm", "lagkv", "random")
 
 
+# Needle retrieval in the offline preset. SIZING
+OFFLINE_RETRIEVAL = {
+    "methods": ["snapkv", "knorm", "streaming_llm", "tova", "expected_attention", "kvzip"],
+    "ratios": [0.5, 0.7],
+    "lengths": [1024],
+    "depths": [0.1, 0.3, 0.5, 0.7, 0.9],
+    "trials": 8,
+}
+
+
 def local_data_dir() -> str:
     return os.environ.get("KVLIB_DATA_DIR") or str(REPO.parent / "shared" / "data")
 
@@ -77,6 +87,7 @@ def presets() -> dict[str, Preset]:
                 pg19_max_chars=400_000,
             ),
             latency_methods=list(ORIGINAL_METHODS),
+            sweeps={"retrieval": OFFLINE_RETRIEVAL},
         ),
         # A tiny random model through every step in about a minute: plumbing, not numbers. Used by CI.
         "smoke": Preset(
@@ -92,6 +103,18 @@ def presets() -> dict[str, Preset]:
                 pg19_max_chars=100_000,
             ),
             ratios=[0.3, 0.7],
+            # Needle retrieval through every step, at the least that exercises it: one length, depth and ratio (a
+            # ratio of the perplexity grid, so the report's ranking comparison runs too).
+            sweeps={
+                "retrieval": {
+                    "methods": ["knorm", "snapkv"],
+                    "ratios": [0.7],
+                    "lengths": [640],
+                    "depths": [0.5],
+                    "trials": 2,
+                    "answer_tokens": 4,
+                }
+            },
             tiny_model=True,
         ),
     }
@@ -185,7 +208,7 @@ def run_preset(name: str, output_dir: str | None = None, log: Callable[[str], No
 
 
 # The notebook that measures each kind (executed once per dataset of its grid).
-NOTEBOOK_OF = {"ppl": "02_ppl.ipynb", "latency": "03_latency.ipynb"}
+NOTEBOOK_OF = {"ppl": "02_ppl.ipynb", "latency": "03_latency.ipynb", "retrieval": "06_retrieval.ipynb"}
 
 
 def study_jobs(preset: Preset, settings: study.Settings, output: Path) -> list[list[NotebookJob]]:

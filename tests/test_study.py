@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -93,7 +94,13 @@ def test_smoke_preset_end_to_end(tmp_path):
         assert (output / f"tiny-gpt-neox_{dataset}_kv_metrics.csv").exists()
         assert (output / "plots" / dataset / f"tiny-gpt-neox_{dataset}_tpot_vs_compression.png").exists()
         executed = sorted(p.name for p in (output / "notebooks" / dataset).glob("*.ipynb"))
-        assert executed == ["01_data_prep.ipynb", "02_ppl.ipynb", "03_latency.ipynb"]
+        assert executed == ["01_data_prep.ipynb", "02_ppl.ipynb", "03_latency.ipynb", "06_retrieval.ipynb"]
+        retrieval = pd.read_csv(output / f"tiny-gpt-neox_{dataset}_kv_retrieval.csv", dtype={"length": str})
+        assert list(zip(retrieval.method, retrieval.length, strict=True)) == [
+            (m, length) for m in ("none", "knorm", "snapkv") for length in ("640", "all")
+        ]
+        assert (retrieval.ci_low <= retrieval.accuracy).all() and (retrieval.accuracy <= retrieval.ci_high).all()
+        assert (output / f"tiny-gpt-neox_{dataset}_kv_retrieval_records.csv").exists()
 
     html_path = output / "report.html"
     html = html_path.read_text()
@@ -101,6 +108,7 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert "def " not in html and "import " not in html.split("<script")[0], "code cells must not be in the report"
     assert "Explore (JupyterLab only)" not in html
     assert "Observations" in html and "ratio 0.7: best" in html
+    assert "Needle retrieval: accuracy after compression" in html and "Retrieval vs perplexity" in html
 
     dom = render_in_chromium(html_path, tmp_path)
     charts = re.findall(r'<svg[^>]*class="marks"[^>]*width="(\d+)"', dom)
@@ -111,12 +119,13 @@ def test_smoke_preset_end_to_end(tmp_path):
     # Rerunning resumes: every measurement cell is skipped, no cell file is rewritten.
     cells = {p: p.stat().st_mtime_ns for p in (output / "cells").rglob("*.json")}
     methods = len(pipeline.presets()["smoke"].methods)
-    assert len(cells) == 2 * 2 * (1 + methods * 2)  # datasets x kinds x (baseline + methods x ratios)
+    retrieval_cells = 1 + 2  # the baseline, knorm and snapkv at one ratio and one length
+    assert len(cells) == 2 * (2 * (1 + methods * 2) + retrieval_cells)  # datasets x (kinds x (baseline + grid) + ...)
     again = subprocess.run(
         [sys.executable, "-m", "kvlib", "study", "--preset", "smoke", "--output_dir", str(output)],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )  # fmt: skip
     assert again.returncode == 0
     # Every notebook of both datasets is skipped: its executed copy is the one that measured the cells.
-    assert again.stderr.count("skipped: every cell is stored") == 6, again.stderr[-2000:]
+    assert again.stderr.count("skipped: every cell is stored") == 8, again.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in (output / "cells").rglob("*.json")} == cells

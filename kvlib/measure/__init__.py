@@ -12,8 +12,8 @@ Optional:
   length, so each of its results is identified by its own length. Its table is `analysis.tables.KIND_TABLES[kind]`.
 """
 
-from kvlib.measure import latency, ppl
+from kvlib.measure import latency, ppl, retrieval
 
-KINDS = {"ppl": ppl, "latency": latency}
+KINDS = {"ppl": ppl, "latency": latency, "retrieval": retrieval}
 
-__all__ = ["KINDS", "latency", "ppl"]
+__all__ = ["KINDS", "latency", "ppl", "retrieval"]
