@@ -158,13 +158,13 @@ def test_wilson_interval_known_values():
 def test_grid_retrieval_writes_the_table_with_wilson_intervals_and_resumes(capsys, tiny_model_dir, data_dir,
                                                                           tmp_path):  # fmt: skip
     argv = ["grid", "--kinds", "retrieval", "--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir",
-            tmp_path, "--max_samples", "3", "--methods", "knorm", "snapkv", "--ratios", "0.5", "--lengths", "192",
-            "256", "--depths", "0.2", "0.8", "--trials", "2", "--answer_tokens", "3"]  # fmt: skip
+            tmp_path, "--max_samples", "3", "--methods", "knorm", "snapkv", "--ratios", "0.5", "--lengths", "256",
+            "320", "--depths", "0.2", "0.8", "--trials", "2", "--answer_tokens", "3"]  # fmt: skip
     assert cli.main([str(a) for a in argv]) == 0, capsys.readouterr().err
     table = pd.read_csv(tmp_path / "tiny-gpt-neox_wikitext_kv_retrieval.csv", dtype={"length": str})
     assert list(table.columns[: len(analysis.TABLE_COLUMNS)]) == analysis.TABLE_COLUMNS
     assert list(zip(table.method, table.length, strict=True)) == [
-        (m, length) for m in ("none", "knorm", "snapkv") for length in ("192", "256", "all")
+        (m, length) for m in ("none", "knorm", "snapkv") for length in ("256", "320", "all")
     ]
     for row in table.itertuples():
         assert row.n_trials == (8 if row.length == "all" else 4)

@@ -242,15 +242,17 @@ def observations(comparison: pd.DataFrame) -> str:
     lines = []
     for row in comparison.itertuples():
         if np.isnan(row.spearman):
-            agreement = "one of the rankings is a tie throughout"
+            agreement = "Spearman ρ undefined: every method ties on one of the two measures"
         elif row.spearman > 0.8:
-            agreement = "the two rankings mostly agree"
+            agreement = f"Spearman ρ = {row.spearman:.2f}: the two rankings mostly agree"
         else:
-            agreement = "the rankings differ: perplexity does not predict which press keeps the needle"
+            agreement = (
+                f"Spearman ρ = {row.spearman:.2f}: the rankings differ, perplexity does not predict which press "
+                "keeps the needle"
+            )
         lines.append(
-            f"- **{row.dataset}, ratio {row.compression_ratio:g}** (Spearman ρ = {row.spearman:.2f}, "
-            f"{row.methods} methods): {agreement}.  \n  by retrieval: {row.by_retrieval}  \n  by Δ perplexity: "
-            f"{row.by_ppl_delta}"
+            f"- **{row.dataset}, ratio {row.compression_ratio:g}** ({row.methods} methods; {agreement}).  \n"
+            f"  by retrieval: {row.by_retrieval}  \n  by Δ perplexity: {row.by_ppl_delta}"
         )
     return "\n".join(lines)
 
