@@ -56,7 +56,7 @@ ORIGINAL_METHODS = ("knorm", "snapkv", "streaming_llm", "lagkv", "random")
 
 # Needle retrieval in the offline preset: 40 trials per cell (5 depths x 8), so that the baseline's Wilson interval
 # is informative (40/40 gives [0.91, 1]); PG-19 only, because both datasets do not fit ~8 minutes on the 2-core
-# machine. Measured per trial on SmolLM2 at 1024 tokens (benchmark-free sizing script, the one quiet repetition):
+# machine. Measured per trial on SmolLM2 at 1024 tokens (a sizing script, its one repetition on a quiet machine):
 # the shared prefill for the baseline and these five presses 2.69 s (a plain prefill 2.40 s); per press, prune +
 # 22-token question + 8 greedy tokens 0.80 s (median; 0.74 min); KVzip's re-reading adds 9.4 s per ratio, so
 # KVzip and the other presses of DEFAULT_METHODS are left out. 2.69 + 11 presses x 0.80 = 11.5 s per trial,

@@ -272,7 +272,10 @@ def section(results_dir: str | os.PathLike, metrics: pd.DataFrame | None = None,
         "back; this does."
     ))  # fmt: skip
     shown = ["model", "dataset", "method", "compression_ratio", "length", "accuracy", "ci_low", "ci_high", "n_trials"]
+    if table["model"].nunique() == 1:
+        shown.remove("model")  # one model: its name (often a long path) is in the provenance above
     view = table[[c for c in shown if c in table]].copy()
+    view["compression_ratio"] = view["compression_ratio"].map(lambda v: f"{v:g}")
     for column in ("accuracy", "ci_low", "ci_high"):
         view[column] = view[column].map(lambda v: f"{v:.0%}")
     display(view.style.hide(axis="index"))
