@@ -66,8 +66,22 @@ def _protocol_flags(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         default=None,
         dest="lengths",
-        help="context lengths of the kinds that sweep them (scaling); default: each kind's own sweep",
+        help="context lengths of the kinds that sweep them (scaling, retrieval); default: each kind's own sweep",
     )
+    add(
+        "--depths",
+        type=float,
+        nargs="+",
+        default=list(study.Settings().depths),
+        help="retrieval: needle depths, fractions of the context before the needle, each in [0, 1]",
+    )
+    add("--trials", type=int, default=defaults["trials"], help="retrieval: trials per context length and depth")
+    add(
+        "--question_aware",
+        action="store_true",
+        help="retrieval: put the question inside the compressed context (default: asked after it)",
+    )
+    add("--answer_tokens", type=int, default=defaults["answer_tokens"], help="retrieval: tokens decoded per answer")
     add(
         "--press_options",
         type=json.loads,
@@ -105,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         command.add_argument(
             "--kinds",
             nargs="+",
-            default=list(tables.METRIC_KINDS),  # the sweeps have commands of their own
+            default=list(tables.METRIC_KINDS),
             choices=study.KINDS,
-            help="measurements to run",
+            help=f"measurements to run (default: {' '.join(tables.METRIC_KINDS)})",
         )
 
     scaling = commands.add_parser(

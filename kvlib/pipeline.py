@@ -54,6 +54,23 @@ class NotebookJob:
 ORIGINAL_METHODS = ("knorm", "snapkv", "streaming_llm", "lagkv", "random")
 
 
+# Needle retrieval in the offline preset: 40 trials per cell (5 depths x 8), so that the baseline's Wilson interval
+# is informative (40/40 gives [0.91, 1]); PG-19 only, because both datasets do not fit ~8 minutes on the 2-core
+# machine. Measured per trial on SmolLM2 at 1024 tokens (a sizing script, its one repetition on a quiet machine):
+# the shared prefill for the baseline and these five presses 2.69 s (a plain prefill 2.40 s); per press, prune +
+# 22-token question + 8 greedy tokens 0.80 s (median; 0.74 min); KVzip's re-reading adds 9.4 s per ratio, so
+# KVzip and the other presses of DEFAULT_METHODS are left out. 2.69 + 11 presses x 0.80 = 11.5 s per trial,
+# x 40 trials = 7.7 min (+ model load and tokenising); both datasets would take ~15 min.
+OFFLINE_RETRIEVAL = {
+    "datasets": ["pg19"],
+    "methods": ["snapkv", "knorm", "streaming_llm", "tova", "expected_attention"],
+    "ratios": [0.5, 0.7],
+    "lengths": [1024],
+    "depths": [0.1, 0.3, 0.5, 0.7, 0.9],
+    "trials": 8,
+}
+
+
 def local_data_dir() -> str:
     return os.environ.get("KVLIB_DATA_DIR") or str(REPO.parent / "shared" / "data")
 
@@ -85,6 +102,7 @@ def presets() -> dict[str, Preset]:
             # (0.08..0.35) s, about 20 min on the busy machine and, at about twice the speed alone, 10 min. So one
             # timed round and no warm-up round; each further round (n_timing) adds as much again.
             sweeps={
+                "retrieval": OFFLINE_RETRIEVAL,
                 "scaling": {
                     "datasets": ["pg19"],
                     "methods": ["streaming_llm", "snapkv", "knorm"],
@@ -111,7 +129,19 @@ def presets() -> dict[str, Preset]:
             ),
             ratios=[0.3, 0.7],
             # The context-length sweep's plumbing: two short lengths, one press, one ratio.
-            sweeps={"scaling": {"datasets": ["pg19"], "methods": ["knorm"], "ratios": [0.5], "lengths": [256, 512]}},
+            # Needle retrieval through every step, at the least that exercises it: one length, depth and ratio (a
+            # ratio of the perplexity grid, so the report's ranking comparison runs too).
+            sweeps={
+                "scaling": {"datasets": ["pg19"], "methods": ["knorm"], "ratios": [0.5], "lengths": [256, 512]},
+                "retrieval": {
+                    "methods": ["knorm", "snapkv"],
+                    "ratios": [0.7],
+                    "lengths": [640],
+                    "depths": [0.5],
+                    "trials": 2,
+                    "answer_tokens": 4,
+                },
+            },
             tiny_model=True,
         ),
     }
@@ -205,7 +235,12 @@ def run_preset(name: str, output_dir: str | None = None, log: Callable[[str], No
 
 
 # The notebook that measures each kind (executed once per dataset of its grid).
-NOTEBOOK_OF = {"ppl": "02_ppl.ipynb", "latency": "03_latency.ipynb", "scaling": "05_scaling.ipynb"}
+NOTEBOOK_OF = {
+    "ppl": "02_ppl.ipynb",
+    "latency": "03_latency.ipynb",
+    "scaling": "05_scaling.ipynb",
+    "retrieval": "06_retrieval.ipynb",
+}
 
 
 def study_jobs(preset: Preset, settings: study.Settings, output: Path) -> list[list[NotebookJob]]:

@@ -95,7 +95,13 @@ def test_smoke_preset_end_to_end(tmp_path):
         assert (output / "plots" / dataset / f"tiny-gpt-neox_{dataset}_tpot_vs_compression.png").exists()
         executed = sorted(p.name for p in (output / "notebooks" / dataset).glob("*.ipynb"))
         sweep = ["05_scaling.ipynb"] if dataset == "pg19" else []  # the smoke sweep runs on PG-19 only
-        assert executed == ["01_data_prep.ipynb", "02_ppl.ipynb", "03_latency.ipynb", *sweep]
+        assert executed == ["01_data_prep.ipynb", "02_ppl.ipynb", "03_latency.ipynb", *sweep, "06_retrieval.ipynb"]
+        retrieval = pd.read_csv(output / f"tiny-gpt-neox_{dataset}_kv_retrieval.csv", dtype={"length": str})
+        assert list(zip(retrieval.method, retrieval.length, strict=True)) == [
+            (m, length) for m in ("none", "knorm", "snapkv") for length in ("640", "all")
+        ]
+        assert (retrieval.ci_low <= retrieval.accuracy).all() and (retrieval.accuracy <= retrieval.ci_high).all()
+        assert (output / f"tiny-gpt-neox_{dataset}_kv_retrieval_records.csv").exists()
     # The context-length sweep: baseline + knorm 0.5 at 256 and 512 tokens, with its fit and bound.
     sweep_table = pd.read_csv(output / "tiny-gpt-neox_pg19_kv_scaling.csv")
     assert sorted(zip(sweep_table.method, sweep_table.context_length, strict=True)) == [
@@ -110,6 +116,7 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert "Explore (JupyterLab only)" not in html
     assert "Observations" in html and "ratio 0.7: best" in html
     assert "Where compression pays" in html and "least squares over 2 lengths" in html
+    assert "Needle retrieval: accuracy after compression" in html and "Retrieval vs perplexity" in html
 
     dom = render_in_chromium(html_path, tmp_path)
     charts = re.findall(r'<svg[^>]*class="marks"[^>]*width="(\d+)"', dom)
@@ -121,13 +128,14 @@ def test_smoke_preset_end_to_end(tmp_path):
     # Rerunning resumes: every measurement cell is skipped, no cell file is rewritten.
     cells = {p: p.stat().st_mtime_ns for p in (output / "cells").rglob("*.json")}
     methods = len(pipeline.presets()["smoke"].methods)
-    # datasets x kinds x (baseline + methods x ratios), and the sweep's 2 lengths x (baseline + knorm 0.5)
-    assert len(cells) == 2 * 2 * (1 + methods * 2) + 2 * 2
+    retrieval_cells = 1 + 2  # the baseline, knorm and snapkv at one ratio and one length
+    # datasets x kinds x (baseline + methods x ratios), the sweep's 2 lengths x (baseline + knorm 0.5), retrieval
+    assert len(cells) == 2 * 2 * (1 + methods * 2) + 2 * 2 + 2 * retrieval_cells
     again = subprocess.run(
         [sys.executable, "-m", "kvlib", "study", "--preset", "smoke", "--output_dir", str(output)],
         capture_output=True, text=True, timeout=600, cwd=REPO,
     )  # fmt: skip
     assert again.returncode == 0
     # Every notebook of both datasets is skipped: its executed copy is the one that measured the cells.
-    assert again.stderr.count("skipped: every cell is stored") == 7, again.stderr[-2000:]
+    assert again.stderr.count("skipped: every cell is stored") == 9, again.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in (output / "cells").rglob("*.json")} == cells

@@ -34,3 +34,17 @@ def ppl_delta_ci(method: list[dict], baseline: list[dict], seed: int = 0) -> tup
 
 def ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator and not math.isnan(denominator) else math.nan
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion `correct / n` (95% for z = 1.96): unlike the normal approximation it
+    stays inside [0, 1] and is not empty at 0/n or n/n, which retrieval accuracies often are."""
+    if n <= 0:
+        return math.nan, math.nan
+    if not 0 <= correct <= n:
+        raise ValueError(f"correct must be in [0, n]; got {correct} of {n}")
+    p = correct / n
+    denominator = 1 + z**2 / n
+    centre = (p + z**2 / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z**2 / (4 * n**2)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)

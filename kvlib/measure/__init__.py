@@ -12,8 +12,8 @@ Optional:
   length, so each of its results is identified by its own length. Its table is `analysis.tables.KIND_TABLES[kind]`.
 """
 
-from kvlib.measure import latency, ppl, scaling
+from kvlib.measure import latency, ppl, retrieval, scaling
 
-KINDS = {"ppl": ppl, "latency": latency, "scaling": scaling}
+KINDS = {"ppl": ppl, "latency": latency, "scaling": scaling, "retrieval": retrieval}
 
-__all__ = ["KINDS", "latency", "ppl", "scaling"]
+__all__ = ["KINDS", "latency", "ppl", "retrieval", "scaling"]

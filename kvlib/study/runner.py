@@ -189,14 +189,15 @@ def run(
     kinds: list[str] | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Path]:
-    """Measure every result of `settings` x methods x ratios x kinds not stored yet, then rewrite the tables.
+    """Measure every result of `settings` x methods x ratios x kinds (default: perplexity and latency) not stored
+    yet, then rewrite the tables.
 
     Checks everything that needs no weights first (settings, presses, the text of every dataset), then loads the
     model once. Each finished result is written atomically; returns the paths written.
     """
     methods = list(methods or DEFAULT_METHODS)
     ratios = [float(r) for r in (ratios if ratios is not None else DEFAULT_RATIOS)]
-    kinds = list(kinds or tables.METRIC_KINDS)  # a kind that sweeps lengths runs only when asked for
+    kinds = list(kinds or tables.METRIC_KINDS)  # kinds that sweep context lengths run only when asked for
     validate(settings, methods, ratios, kinds)  # bad input fails before the output directory is touched
     with store.output_lock(settings.output_dir):
         planned = plan_run(settings, methods, ratios, kinds)

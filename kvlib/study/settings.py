@@ -39,6 +39,12 @@ class Settings:
     # Context lengths of the kinds that sweep them (scaling, retrieval); None: each kind's default sweep. A result
     # of such a kind is identified by its own length (`max_length` of that result), never by this list.
     lengths: list[int] | None = None
+    # Needle retrieval (kind `retrieval`): where the needle goes (fraction of the context before it), trials per
+    # (length, depth), whether the question is inside the compressed context, and tokens decoded per answer.
+    depths: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    trials: int = 4
+    question_aware: bool = False
+    answer_tokens: int = 8
 
     def datasets(self) -> list[str]:
         return list(data.DATASETS) if self.dataset == "all" else [self.dataset]
