@@ -11,6 +11,7 @@ Ray is optional (`pip install kvlib[ray]`): it is imported only when a Ray execu
 
 from __future__ import annotations
 
+import fcntl
 import fnmatch
 import functools
 import os
@@ -138,7 +139,7 @@ def run_on_ray(
             done = len(tasks) - len(running) - len(failed)
             log(f"[ray] {task.name}: {outcome} | tasks {done} done, {len(running)} pending, {len(failed)} failed; "
                 f"cells {cells_done}/{cells_total}; elapsed {time.perf_counter() - started:.0f} s")  # fmt: skip
-        return written, failed
+        return list(dict.fromkeys(written)), failed  # a windows file comes back from every task of its dataset
 
 
 def _resources_line(ray) -> str:
@@ -177,8 +178,7 @@ def _run_task(work, inputs: dict[str, bytes], returns: tuple[str, ...], model, c
     # task's own runs lock their private directory instead.
     os.environ.pop(LOCK_ENV, None)
     _ensure_model(*model)
-    with tempfile.TemporaryDirectory(prefix="kvlib-task-") as private:
-        root = Path(private)
+    with _private_directory() as root:
         for relative, content in inputs.items():
             (root / relative).parent.mkdir(parents=True, exist_ok=True)
             (root / relative).write_bytes(content)
@@ -191,6 +191,34 @@ def _run_task(work, inputs: dict[str, bytes], returns: tuple[str, ...], model, c
             if any(fnmatch.fnmatch(relative, pattern) for pattern in returns):
                 found[relative] = path.read_bytes()
         return found
+
+
+TASK_PREFIX = "kvlib-task-"
+
+
+@contextmanager
+def _private_directory() -> Iterator[Path]:
+    """A task's private output directory, locked while the task runs. A worker killed mid-task leaves its
+    directory behind; the next task on that machine removes every one whose lock nobody holds."""
+    tmp = Path(tempfile.gettempdir())
+    for lock in tmp.glob(f"{TASK_PREFIX}*.lock"):
+        with open(lock, "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a running task's
+            shutil.rmtree(lock.with_suffix(""), ignore_errors=True)
+            lock.unlink(missing_ok=True)
+    fd, name = tempfile.mkstemp(prefix=TASK_PREFIX, suffix=".lock")
+    with os.fdopen(fd, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released by the system if this worker dies
+        root = Path(name).with_suffix("")
+        root.mkdir()
+        try:
+            yield root
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+            Path(name).unlink(missing_ok=True)
 
 
 def _ship_model(model: str):
