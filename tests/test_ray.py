@@ -3,6 +3,7 @@ failing task retried, then reported by name while the others finish."""
 
 import functools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,27 +46,43 @@ def _always_fails(attempts: Path, private: Path) -> None:
     raise ValueError("compression_ratio 1.5 is impossible")
 
 
+def _dies_once(attempts: Path, private: Path) -> None:
+    with open(attempts, "a") as handle:
+        handle.write("attempt\n")
+    if attempts.read_text().count("attempt") == 1:
+        os._exit(1)  # the worker process dies, as when its machine goes away
+    (private / "cells" / "m_d" / "ppl" / "c.json").parent.mkdir(parents=True)
+    (private / "cells" / "m_d" / "ppl" / "c.json").write_text("{}")
+
+
+def test_a_task_asks_for_a_gpu_on_cuda_and_its_cpu_share_otherwise():
+    assert executors.task_resources("cuda:0") == {"num_gpus": 1, "num_cpus": 1}
+    assert executors.task_resources("cpu", cpus=2) == {"num_cpus": 2}
+
+
 def test_a_failing_task_is_retried_then_reported_by_name_while_the_others_finish(local_ray, tmp_path):
-    attempts = tmp_path / "attempts.txt"
+    attempts, deaths = tmp_path / "attempts.txt", tmp_path / "deaths.txt"
     stored = {"cells/m_d/ppl/stored.json": b"{}"}
     tasks = [
         executors.Task("good a", functools.partial(_writes_a_cell, "a"), stored, cells=1),
         executors.Task("impossible", functools.partial(_always_fails, attempts), cells=1),
         executors.Task("good b", functools.partial(_writes_a_cell, "b"), stored, cells=1),
+        executors.Task("worker dies", functools.partial(_dies_once, deaths), cells=1),
     ]
     lines = []
     output = tmp_path / "out"
     written, failed = executors.run_on_ray(tasks, output, log=lines.append)
 
     assert attempts.read_text().count("attempt") == 1 + executors.MAX_RETRIES
+    assert deaths.read_text().count("attempt") == 2  # run again on a new worker
     assert list(failed) == ["impossible"]
     assert "ValueError: compression_ratio 1.5 is impossible" in failed["impossible"]
     # The others' new files came back (not their shipped input, not files they were not asked for).
     cells = sorted(p.relative_to(output).as_posix() for p in output.rglob("*") if p.is_file())
-    assert cells == ["cells/m_d/ppl/a.json", "cells/m_d/ppl/b.json"]
+    assert cells == ["cells/m_d/ppl/a.json", "cells/m_d/ppl/b.json", "cells/m_d/ppl/c.json"]
     assert sorted(written) == sorted(output.resolve() / cell for cell in cells)
     print("\n".join(lines))
-    assert "tasks 2 done, 0 pending, 1 failed; cells 2/3" in lines[-1]
+    assert "tasks 3 done, 0 pending, 1 failed; cells 3/4" in lines[-1]
     assert any("impossible: FAILED" in line for line in lines)
 
     error = executors.TasksFailed(failed)
