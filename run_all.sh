@@ -4,6 +4,7 @@
 #   bash run_all.sh                      # the original study (pythia-70m, wikitext + PG-19 from the hub)
 #   bash run_all.sh --preset offline     # bundled SmolLM2-135M, local text ($KVLIB_DATA_DIR or ../shared/data)
 #   bash run_all.sh --preset smoke       # a tiny model through every step, about a minute
+#   bash run_all.sh --preset offline --executor ray [--address HEAD:6379]   # notebooks as Ray tasks (README)
 set -euo pipefail
 cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || bash setup.sh

@@ -11,6 +11,7 @@ from dataclasses import fields
 from kvlib import data, study
 from kvlib.analysis import tables
 from kvlib.presses import list_presses
+from kvlib.study.executors import TasksFailed
 
 # The scaling command's grid: three presses of different kinds (position-only, attention-based, key-norm) at
 # ratios where the cache shrinks enough to show in decode time. The baseline is always one of the cells.
@@ -155,6 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     whole = commands.add_parser("study", help="the whole study: notebooks via papermill, analysis, report")
     whole.add_argument("--preset", default="default", choices=["default", "offline", "smoke"], help="which study")
     whole.add_argument("--output_dir", default=None, help="default: results (results/smoke for the smoke preset)")
+    for command in (grid, whole):
+        command.add_argument(
+            "--executor",
+            default="sequential",
+            choices=["sequential", "ray"],
+            help="ray: run the notebooks (study) or each (dataset, kind) group (grid) as Ray tasks",
+        )
+        command.add_argument("--address", default=None, help="Ray cluster to join (default: start a local instance)")
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random GPT-NeoX model (for smoke runs)")
     tiny.add_argument("--output", required=True, help="directory to write it to")
@@ -167,6 +176,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _failed(error: TasksFailed) -> int:
+    """Tasks that still failed after their retries: what the others wrote, then each failure by name."""
+    for path in error.written:
+        print(path)
+    print(f"error: {error}", file=sys.stderr)
+    return 1
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "presses":
         for name, options in list_presses().items():
@@ -176,10 +193,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         from kvlib.pipeline import HubUnreachable, run_preset
 
         try:
-            written = run_preset(args.preset, args.output_dir, log=_log)
+            written = run_preset(args.preset, args.output_dir, log=_log, executor=args.executor, address=args.address)
         except HubUnreachable as error:
             print(f"error: {error}", file=sys.stderr)
             return 3
+        except TasksFailed as error:
+            return _failed(error)
         for path in written:
             print(path)
         return 0
@@ -202,7 +221,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     else:
         methods, ratios, kinds = args.methods, args.ratios, args.kinds
     started = time.perf_counter()
-    written = study.run(settings, methods, ratios, kinds, log=_log)
+    if getattr(args, "executor", "sequential") == "ray":
+        from kvlib.study.executors import run_grid_on_ray
+
+        try:
+            written = run_grid_on_ray(settings, methods, ratios, kinds, args.address, log=_log)
+        except TasksFailed as error:
+            return _failed(error)
+    else:
+        written = study.run(settings, methods, ratios, kinds, log=_log)
     _log(f"done in {time.perf_counter() - started:.1f} s")
     for path in written:
         print(path)

@@ -7,15 +7,18 @@ resumes), so an interrupted study picks up where it stopped.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from kvlib import study
+from kvlib import models, study
 from kvlib.analysis import charts, tables
 from kvlib.data import DATASETS
+from kvlib.study import executors
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
@@ -111,7 +114,7 @@ def presets() -> dict[str, Preset]:
                     "gen_tokens": 16,
                     "warmup_times": 0,
                     "n_timing": 1,
-                }
+                },
             },
         ),
         # A tiny random model through every step in about a minute: plumbing, not numbers. Used by CI.
@@ -187,6 +190,7 @@ def _execute(notebook: str, output: Path, parameters: dict, log: Callable[[str],
     partial = output.with_name(f".{output.name}.tmp")  # removed by the next run if this one is killed
     log(f"papermill {notebook} -> {output}")
     started = time.perf_counter()
+    # An absolute `notebook` (a Ray task's shipped copy) is taken as is by the join below.
     papermill.execute_notebook(
         str(NOTEBOOKS / notebook), str(partial), parameters=parameters, progress_bar=False, log_output=True,
         cwd=str(REPO), kernel_name="python3",
@@ -211,8 +215,18 @@ def _protocol_parameters(settings: study.Settings) -> dict:
     }
 
 
-def run_preset(name: str, output_dir: str | None = None, log: Callable[[str], None] = print) -> list[Path]:
-    """Every notebook of the study for preset `name`, then the report and the PNG plots. Returns what it wrote."""
+def run_preset(
+    name: str,
+    output_dir: str | None = None,
+    log: Callable[[str], None] = print,
+    executor: str = "sequential",
+    address: str | None = None,
+) -> list[Path]:
+    """Every notebook of the study for preset `name`, then the report and the PNG plots. Returns what it wrote.
+    executor "ray": data preparation and the measuring notebooks run as Ray tasks (on the cluster at `address`,
+    else a local instance); raises executors.TasksFailed at the end, after the report, if a task still failed."""
+    if executor not in executors.EXECUTORS:
+        raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(executors.EXECUTORS)}")
     available = presets()
     if name not in available:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(available)}")
@@ -231,7 +245,9 @@ def run_preset(name: str, output_dir: str | None = None, log: Callable[[str], No
             from kvlib.models import write_tiny_model
 
             write_tiny_model(settings.model)  # complete or absent: written to a temporary directory first
-        return _run_notebooks(name, preset, settings, output, kinds, log)
+        session = executors.ray_session(address) if executor == "ray" else contextlib.nullcontext()
+        with session:
+            return _run_notebooks(name, preset, settings, output, kinds, log, executor)
 
 
 # The notebook that measures each kind (executed once per dataset of its grid).
@@ -293,16 +309,79 @@ def run_sequentially(jobs: list[NotebookJob], log: Callable[[str], None], starte
     return written
 
 
-def _run_notebooks(name, preset: Preset, settings: study.Settings, output: Path, kinds, log) -> list[Path]:
+def _run_notebooks(name, preset: Preset, settings: study.Settings, output: Path, kinds, log, executor) -> list[Path]:
     started = time.perf_counter()
     prepare, measure, analysis = study_jobs(preset, settings, output)
-    written = run_sequentially(prepare, log, started)
-    written += run_sequentially(measure, log, started)
-    written += run_sequentially(analysis, log, started)
-    from kvlib.analysis.report import export_html
+    failed: dict[str, str] = {}  # Ray tasks that still failed after their retries: reported at the end
+    run_stage = run_sequentially
+    if executor == "ray":
+        run_stage = functools.partial(run_on_ray, output=output, model=settings.model, failed=failed)
+    written = run_stage(prepare, log, started)
+    written += run_stage(measure, log, started)
+    try:
+        written += run_sequentially(analysis, log, started)
+        from kvlib.analysis.report import export_html
 
-    written.append(export_html(analysis[0].target, output / "report.html"))
-    for dataset in preset.datasets:
-        written += charts.save_pngs(tables.table_paths(output, settings.model, dataset)["csv"], "tpot")
+        written.append(export_html(analysis[0].target, output / "report.html"))
+        for dataset in preset.datasets:
+            written += charts.save_pngs(tables.table_paths(output, settings.model, dataset)["csv"], "tpot")
+    except Exception as error:
+        if not failed:
+            raise
+        failed["analysis"] = executors.error_line(error)  # likely a consequence of the failures above
     log(f"study '{name}' finished in {time.perf_counter() - started:.0f} s")
+    if failed:
+        raise executors.TasksFailed(failed, written)
     return written
+
+
+def run_on_ray(jobs: list[NotebookJob], log, started: float, output: Path, model: str, failed: dict) -> list[Path]:
+    """The Ray executor: the stage's notebooks as Ray tasks, each in a private output directory on its worker,
+    their new files written here; then the tables of the measuring notebooks rebuilt from the stored cells.
+
+    The tasks are the sequential run's notebooks, one per (dataset, kind) with all its ratios, not one per cell:
+    the files are then identical, and one notebook shares its prefills (one per window for all presses) and its
+    interleaved latency baseline across ratios, which a task per cell would lose."""
+    kind_of = {notebook: kind for kind, notebook in NOTEBOOK_OF.items()}
+    local_model = model if Path(model).is_dir() else None
+    tasks, device = [], "cpu"
+    for job in jobs:
+        dataset = job.parameters.get("dataset")
+        if job.target.exists() and not job.pending:
+            log(f"== {job.label}: skipped: every cell is stored and {job.target} is the notebook that measured them")
+            continue
+        if any(name.startswith(f"{dataset}: 01_data_prep") for name in failed):
+            failed[job.label] = "not run: its data preparation failed"
+            continue
+        parameters = dict(job.parameters)
+        # Resolved here, so that the workers' cells have the identities this driver plans and tabulates with.
+        parameters["device"] = device = parameters.get("device") or models.default_device()
+        parameters["dtype"] = parameters.get("dtype") or models.default_dtype(device)
+        target = job.target.relative_to(output).as_posix()
+        kind = kind_of.get(job.notebook)
+        inputs = {f".notebook/{job.notebook}": (NOTEBOOKS / job.notebook).read_bytes()}  # workers need no repo
+        if kind:
+            inputs |= executors.stored_cell_files(output, model, dataset, kind)
+        work = functools.partial(_execute_privately, job.notebook, target, parameters)
+        returns = ("cells/*/*/*.json", "windows/*.npy", target)
+        tasks.append(executors.Task(job.label, work, inputs, returns, job.pending if kind else 0, local_model))
+    written, stage_failed = executors.run_on_ray(tasks, output, device, log=log, started=started)
+    failed |= stage_failed
+    for job in jobs:
+        kind = kind_of.get(job.notebook)
+        if kind and any(task.name == job.label for task in tasks):  # what each notebook writes at its end
+            parameters = {**job.parameters, "output_dir": str(output)}
+            job_settings = study.Settings(**{k: v for k, v in parameters.items() if k in _SETTINGS_FIELDS})
+            try:
+                written += executors.rebuild_tables(job_settings, parameters["methods"], parameters["ratios"], [kind])
+            except (ValueError, OSError) as error:
+                log(f"  tables of {job.label} not rebuilt: {error}")
+    return written
+
+
+_SETTINGS_FIELDS = {f.name for f in fields(study.Settings)}
+
+
+def _execute_privately(notebook: str, target: str, parameters: dict, private: Path) -> None:
+    """A notebook as a Ray task runs it: from the shipped copy, into the task's private output directory."""
+    _execute(str(private / ".notebook" / notebook), private / target, {**parameters, "output_dir": str(private)}, print)

@@ -1,5 +1,7 @@
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,16 @@ def smollm2(smollm2_tokenizer):
     from kvlib.models import load_model
 
     return load_model("smollm2", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def smoke_study(tmp_path_factory):
+    """The smoke preset run once, sequentially (`python -m kvlib study`): (output dir, completed process, wall
+    seconds). Shared by the end-to-end test and the Ray executor's comparison, so CI runs it once."""
+    output = tmp_path_factory.mktemp("smoke-sequential") / "smoke"
+    started = time.perf_counter()
+    completed = subprocess.run(
+        [sys.executable, "-m", "kvlib", "study", "--preset", "smoke", "--output_dir", str(output)],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+    )  # fmt: skip
+    return output, completed, time.perf_counter() - started

@@ -77,17 +77,11 @@ def render_in_chromium(html: Path, tmp_path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_smoke_preset_end_to_end(tmp_path):
+def test_smoke_preset_end_to_end(tmp_path, smoke_study):
     if CHROMIUM is None:
         pytest.skip("Chromium is not installed (Debian: apt-get install chromium); .ci/run installs it")
-    output = tmp_path / "smoke"
-    started = time.perf_counter()
-    completed = subprocess.run(
-        [sys.executable, "-m", "kvlib", "study", "--preset", "smoke", "--output_dir", str(output)],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
-    )  # fmt: skip
+    output, completed, wall = smoke_study  # python -m kvlib study --preset smoke, run once per session
     assert completed.returncode == 0, completed.stderr[-3000:]
-    wall = time.perf_counter() - started
     print(f"smoke preset: {wall:.0f} s")
 
     for dataset in ("wikitext", "pg19"):
