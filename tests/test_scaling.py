@@ -37,7 +37,7 @@ def test_fit_needs_two_lengths():
         scaling.fit_points([1024, 1024], [0.1, 0.2])
 
 
-def _runs(tpot: float, prefill: float, kv: int, n: int = 3) -> list[dict]:
+def _runs(tpot: float, prefill: float, kv: int, n: int) -> list[dict]:
     return [
         {"run": i, "prefill_time": prefill, "tpot": tpot, "kv_bytes": kv, "cache_length": kv // 10,
          "peak_memory": 5e6, "other_cpu": 0.0, "loadavg": 0.1}
@@ -45,7 +45,9 @@ def _runs(tpot: float, prefill: float, kv: int, n: int = 3) -> list[dict]:
     ]  # fmt: skip
 
 
-def _cell(method: str, ratio: float, length: int, tpot: float, base_tpot: float, prefill: float = 1.0) -> dict:
+def _cell(
+    method: str, ratio: float, length: int, tpot: float, base_tpot: float, prefill: float = 1.0, n: int = 3
+) -> dict:
     kv = 10 * scaling.kept_length(length, ratio)
     return {
         "kind": "scaling",
@@ -54,8 +56,8 @@ def _cell(method: str, ratio: float, length: int, tpot: float, base_tpot: float,
         "options": {},
         "settings": {"max_length": length, "gen_tokens": 16, "warmup_times": 0, "n_timing": 3},
         "identity_columns": {"model": "m", "dataset": "pg19"},
-        "runs": _runs(tpot, prefill, kv),
-        "baseline_runs": _runs(base_tpot, 1.0, 10 * length),
+        "runs": _runs(tpot, prefill, kv, n),
+        "baseline_runs": _runs(base_tpot, 1.0, 10 * length, n),
         "prompt_length": length,
         "provenance": {"git_commit": "x"},
     }
@@ -98,6 +100,17 @@ def test_observations_say_when_a_press_never_pays():
     cells += [_cell("snapkv", 0.7, n, 0.010 + 1e-6 * n, 0.010 + 1e-6 * n) for n in (1000, 2000)]
     text = scaling.observations(scaling.scaling_table(cells))
     assert "never saves 10% up to 2000 tokens: snapkv" in text
+    assert "no interquartile range" not in text  # three runs per cell
+
+
+def test_observations_say_when_one_run_cannot_resolve_the_noise():
+    # Baseline 20 / 33 / 40 ms at 1000 / 2000 / 3000 tokens: the fit's residuals are the run's noise scale.
+    cells = [_cell("none", 0.0, n, t, t, n=1) for n, t in ((1000, 0.020), (2000, 0.033), (3000, 0.040))]
+    cells += [_cell("knorm", 0.5, 3000, 0.030, 0.040, n=1)]
+    text = scaling.observations(scaling.scaling_table(cells))
+    line = scaling.fit_points([1000, 2000, 3000], [0.020, 0.033, 0.040])
+    assert "1 timed run(s) per cell: no interquartile range" in text
+    assert f"by {1e3 * line.rms:.1f} ms RMS ({100 * line.rms / 0.033:.0f}% of its median TPOT)" in text
 
 
 def test_peak_memory_sees_an_allocation():

@@ -41,6 +41,7 @@ from kvlib.files import slug
 KIND = "scaling"
 BASELINE = tables.BASELINE
 SAVING_TARGET = 0.10  # an observation names where a press first saves this fraction of the decode time
+MIN_RUNS_FOR_SPREAD = 3  # fewer timed runs per cell than this: the observations say that no spread was measured
 COLUMNS = [
     "model",
     "dataset",
@@ -323,6 +324,21 @@ def observations(table: pd.DataFrame) -> str:
                 f"{top['compression_ratio'].iloc[0]:g} the cache holds {_mb(top['kv_bytes'].median())} and the "
                 f"run's peak is {_range(top['peak_memory'] / 1e6, '.3g')} MB (the prefill's activations and the "
                 "full cache before pruning come first)."
+            )
+        runs = int(part["n_timing_runs"].min())
+        if runs < MIN_RUNS_FOR_SPREAD:
+            # With one or two runs per cell there is no spread to flag by; the baseline's scatter about its own
+            # fit is the only noise scale the run itself gives.
+            try:
+                line = fit(part)
+                median_tpot = part.loc[part["method"] == BASELINE[0], "tpot"].median()
+                scatter = f"the baseline's TPOT scatters about its fit by {_ms(line.rms, '.1f')} RMS " \
+                          f"({100 * line.rms / median_tpot:.0f}% of its median TPOT)"  # fmt: skip
+            except ValueError:
+                scatter = "the baseline has too few lengths to fit"
+            lines.append(
+                f"  - {runs} timed run(s) per cell: no interquartile range to judge the spread by; {scatter}, "
+                "so savings and fractions of the bound within that margin of 1 are not resolved by this run."
             )
         flagged = part[part["timing_flag"].fillna("").astype(str).str.strip() != ""]
         if not flagged.empty:
