@@ -83,7 +83,8 @@ def presets() -> dict[str, Preset]:
         # The original study: pythia-70m, wikitext and PG-19 from the hub.
         "default": Preset(study.Settings(), needs_hub=True),
         # The bundled SmolLM2-135M and local text, at the original protocol where it matters (1024-token windows,
-        # prefix_ratio 0.5, 32 generated tokens); sized to finish within 25 minutes on 2 CPU cores.
+        # prefix_ratio 0.5, 32 generated tokens). Aimed at 25 minutes on 2 CPU cores; it takes about 67 there
+        # (perplexity and latency alone need at least 43: benchmarks/offline_budget.py).
         "offline": Preset(
             study.Settings(
                 model="smollm2",
@@ -102,8 +103,8 @@ def presets() -> dict[str, Preset]:
             # 2048, 4096, 8192 tokens took 2.4, 13.5, 37.7, 61 s (SnapKV at 0.5: 87 s at 8192); TPOT at 8192 was
             # 0.35 s (0.08 s at 1024 alone, the committed latency run). Prefill dominates: one round of the 10 cells
             # (baseline + 3 presses x 3 ratios) over the four lengths is 10 x ~115 s + 10 x 15 decoded tokens x
-            # (0.08..0.35) s, about 20 min on the busy machine and, at about twice the speed alone, 10 min. So one
-            # timed round and no warm-up round; each further round (n_timing) adds as much again.
+            # (0.08..0.35) s, about 20 min on the busy machine and, at about twice the speed alone, 10 min (measured
+            # alone since: 739 s). So one timed round and no warm-up round; each further round adds as much again.
             sweeps={
                 "retrieval": OFFLINE_RETRIEVAL,
                 "scaling": {
