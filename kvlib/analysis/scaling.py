@@ -328,14 +328,14 @@ def observations(table: pd.DataFrame) -> str:
         runs = int(part["n_timing_runs"].min())
         if runs < MIN_RUNS_FOR_SPREAD:
             # With one or two runs per cell there is no spread to flag by; the baseline's scatter about its own
-            # fit is the only noise scale the run itself gives.
-            try:
-                line = fit(part)
-                median_tpot = part.loc[part["method"] == BASELINE[0], "tpot"].median()
-                scatter = f"the baseline's TPOT scatters about its fit by {_ms(line.rms, '.1f')} RMS " \
-                          f"({100 * line.rms / median_tpot:.0f}% of its median TPOT)"  # fmt: skip
-            except ValueError:
+            # fit (the table's fit_rms) is the only noise scale the run itself gives.
+            rms = part["fit_rms"].iloc[0]
+            if math.isnan(rms):
                 scatter = "the baseline has too few lengths to fit"
+            else:
+                median_tpot = part.loc[part["method"] == BASELINE[0], "tpot"].median()
+                scatter = f"the baseline's TPOT scatters about its fit by {_ms(rms, '.1f')} RMS " \
+                          f"({100 * rms / median_tpot:.0f}% of its median TPOT)"  # fmt: skip
             lines.append(
                 f"  - {runs} timed run(s) per cell: no interquartile range to judge the spread by; {scatter}, "
                 "so savings and fractions of the bound within that margin of 1 are not resolved by this run."
