@@ -28,7 +28,8 @@ import kvlib
 from kvlib import data, models
 from kvlib.cache import extend, new_cache
 from kvlib.presses import SharedPrefill
-from kvlib.presses.base import fork_cache, n_kept
+from kvlib.cache import fork_cache
+from kvlib.presses.base import n_kept
 
 
 def decode(model, cache, start: int, tokens: int) -> None:

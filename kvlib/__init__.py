@@ -21,6 +21,8 @@ _LAZY = {
     "extend": "kvlib.cache",
     "kv_bytes": "kvlib.cache",
     "new_cache": "kvlib.cache",
+    "CachePolicy": "kvlib.cache",
+    "Storage": "kvlib.cache",
 }
 
 __all__ = sorted(_LAZY)

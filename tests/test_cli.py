@@ -13,6 +13,7 @@ from kvlib.study import runner as study_run
 COLUMNS = [
     "method",
     "compression_ratio",
+    "kv_quant",
     "ppl",
     "ppl_delta",
     "prefill_time",

@@ -16,7 +16,8 @@ import torch
 from tiny_models import VOCAB, tiny_model
 
 import kvlib
-from kvlib.presses.base import _rescore_key, fork_cache
+from kvlib.cache import fork_cache
+from kvlib.presses.base import _rescore_key
 
 PREFIX = 300
 CASES = [

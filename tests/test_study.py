@@ -83,6 +83,15 @@ def test_smoke_preset_end_to_end(tmp_path, smoke_study):
     output, completed, wall = smoke_study  # python -m kvlib study --preset smoke, run once per session
     assert completed.returncode == 0, completed.stderr[-3000:]
     print(f"smoke preset: {wall:.0f} s")
+    # One progress display, not papermill's logs: those go to the log file named first; the run ends with the
+    # report's path and its one-line answer.
+    print("progress display, first and last lines:", completed.stderr.splitlines()[:2], completed.stderr[-600:])
+    assert "Executing Cell" not in completed.stderr and "Passed unknown parameter" not in completed.stderr
+    log_file = Path(re.search(r"^log: (\S+)", completed.stderr, re.M).group(1))
+    assert "Executing Cell" in log_file.read_text() and "Passed unknown parameter" not in log_file.read_text()
+    assert f"report: {output / 'report.html'}" in completed.stderr
+    assert "At half the KV cache, best measured: tiny-gpt-neox / pg19:" in completed.stderr
+    assert (output / "summary.md").is_file() and (output / "plots" / "memory_quality.png").is_file()
 
     for dataset in ("wikitext", "pg19"):
         assert (output / f"tiny-gpt-neox_{dataset}_kv_metrics.csv").exists()
@@ -131,5 +140,6 @@ def test_smoke_preset_end_to_end(tmp_path, smoke_study):
     )  # fmt: skip
     assert again.returncode == 0
     # Every notebook of both datasets is skipped: its executed copy is the one that measured the cells.
-    assert again.stderr.count("skipped: every cell is stored") == 9, again.stderr[-2000:]
+    log_text = Path(re.search(r"^log: (\S+)", again.stderr, re.M).group(1)).read_text()
+    assert log_text.count("skipped: every cell is stored") == 9, log_text[-2000:]
     assert {p: p.stat().st_mtime_ns for p in (output / "cells").rglob("*.json")} == cells

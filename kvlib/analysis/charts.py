@@ -57,11 +57,79 @@ def _methods(table: pd.DataFrame) -> list[str]:
     return list(table.attrs.get("methods") or sorted(set(table["method"]) - {"none"}))
 
 
+# Methods grouped by family: one hue per family from the Okabe-Ito palette (told apart with the common colour
+# vision deficiencies), two shades alternating inside a family, and a mark shape (points) and dash (lines) per
+# member, so that two members of one family differ in shape even where their shades look alike.
+FAMILIES = {
+    "score-based eviction": ("snapkv", "knorm", "tova", "expected_attention", "observed_attention", "keydiff",
+                             "kvzip", "pyramidkv", "lagkv"),
+    "position-based eviction": ("streaming_llm",),
+    "control": ("random",),
+}  # fmt: skip
+FAMILY_COLORS = {
+    "score-based eviction": ("#0072B2", "#56B4E9", "#1B3A5C"),  # blue, sky blue, navy
+    "position-based eviction": ("#E69F00", "#D55E00"),  # orange, vermillion
+    "precision": ("#009E73", "#66C2A5"),  # bluish green
+    "combinations": ("#CC79A7", "#882255"),  # reddish purple
+    "control": ("#7F7F7F", "#BBBBBB"),  # grey: the random floor
+}
+STAR = "M0,-1L0.29,-0.4L0.95,-0.31L0.48,0.15L0.59,0.81L0,0.5L-0.59,0.81L-0.48,0.15L-0.95,-0.31L-0.29,-0.4Z"
+SHAPES = ("circle", "square", "triangle-up", "diamond", "cross", "triangle-down", "triangle-left", STAR,
+          "triangle-right")  # fmt: skip
+DASHES = ([1, 0], [6, 3], [2, 2], [8, 3, 2, 3], [4, 4], [1, 3], [10, 4], [3, 6], [12, 2])
+
+
+def family(method: str) -> str:
+    """The family a chart groups `method` in. A method named `press+precision` (a quantised cache under an
+    eviction press) is a combination; a bare precision name (no eviction) is a precision."""
+    for name, members in FAMILIES.items():
+        if method in members:
+            return name
+    if "+" in method:
+        return "combinations"
+    if method.startswith(("fp8", "int", "quanto", "hqq")):
+        return "precision"
+    return "score-based eviction"  # presses added later are scored unless listed otherwise
+
+
+def method_styles(methods: list[str]) -> dict[str, tuple[str, str, list[int]]]:
+    """method -> (colour, shape, dash): families together in the order of FAMILY_COLORS, members in name order."""
+    styles = {}
+    for name, shades in FAMILY_COLORS.items():
+        members = sorted(m for m in methods if family(m) == name)
+        for i, method in enumerate(members):
+            styles[method] = (shades[i % len(shades)], SHAPES[i % len(SHAPES)], DASHES[i % len(DASHES)])
+    return styles
+
+
+def _ordered(methods: list[str]) -> list[str]:
+    """Methods in legend order: by family, then name."""
+    return list(method_styles(methods))
+
+
+def method_color(methods: list[str], title: str = "method (click)") -> alt.Color:
+    """The family palette as a colour encoding of `method`."""
+    styles = method_styles(methods)
+    return alt.Color("method:N", title=title,
+                     scale=alt.Scale(domain=list(styles), range=[s[0] for s in styles.values()]))  # fmt: skip
+
+
+def method_shape(methods: list[str], title: str = "method (click)") -> alt.Shape:
+    """The members' marks; it merges with `method_color` into one legend (same field, same title)."""
+    styles = method_styles(methods)
+    return alt.Shape("method:N", title=title,
+                     scale=alt.Scale(domain=list(styles), range=[s[1] for s in styles.values()]))  # fmt: skip
+
+
+def method_dash(methods: list[str], title: str = "method (click)") -> alt.StrokeDash:
+    styles = method_styles(methods)
+    return alt.StrokeDash("method:N", title=title,
+                          scale=alt.Scale(domain=list(styles), range=[s[2] for s in styles.values()]))  # fmt: skip
+
+
 def _color(table: pd.DataFrame) -> alt.Color:
-    """One colour per method, the same in every chart of the same table."""
-    methods = _methods(table)
-    scheme = "tableau10" if len(methods) <= 10 else "tableau20"  # no two methods share a colour
-    return alt.Color("method:N", title="method (click)", scale=alt.Scale(domain=methods, scheme=scheme))
+    """One colour per method, the same in every chart of the same table, grouped by family."""
+    return method_color(_methods(table))
 
 
 def _methods_selection() -> alt.Parameter:
@@ -136,6 +204,8 @@ def ppl_chart(table: pd.DataFrame, interactive: bool = True, panel: tuple[int, i
                 "ppl:Q", title="suffix perplexity (log scale)", scale=alt.Scale(type="log"), axis=alt.Axis(format="~g")
             ),  # fmt: skip
             color=_color(table),
+            shape=method_shape(_methods(table)),
+            strokeDash=method_dash(_methods(table)),
             tooltip=tooltip,
         )
     )
@@ -216,6 +286,94 @@ def ppl_delta_chart(table: pd.DataFrame, interactive: bool = True, panel: tuple[
              " the method from no compression)", "triangle: perplexity below the baseline's"],
         )
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- memory-quality
+
+
+def memory_quality_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """Every measured configuration with its memory (`kv_bytes_ratio`, estimated from cache lengths where not
+    recorded) and Δppl, and `frontier` True on each panel's Pareto frontier (no other row has less memory and
+    a lower Δppl)."""
+    from kvlib.analysis import summary
+
+    rows = summary.configurations(table)
+    rows = rows[~summary.is_baseline(rows) & rows["ppl_delta"].notna() & rows["kv_bytes_ratio"].notna()].copy()
+    rows["panel"] = _panel_rows(rows)
+    rows["frontier"] = False
+    for _, part in rows.groupby("panel"):
+        rows.loc[summary.pareto_frontier(part).index, "frontier"] = True
+    rows["memory_note"] = np.where(rows["memory_estimated"], "estimated from cache length", "measured bytes")
+    keep = ["panel", "model", "dataset", "method", "compression_ratio", "kv_quant", "configuration", "kv_bytes_ratio",
+            "ppl_delta", "ppl_delta_ci_low", "ppl_delta_ci_high", "frontier", "memory_note"]  # fmt: skip
+    return rows[[c for c in keep if c in rows]]
+
+
+def memory_quality_chart(table: pd.DataFrame, panel: tuple[int, int] = (420, 280)) -> alt.Chart:
+    """Δ perplexity against the cache's share of the baseline's bytes, every measured configuration one point
+    (its 95% interval as a bar), the Pareto frontier as a line, the summary's budgets as vertical rules. The
+    y axis is symmetric-log: Δ of 0.1 and of 100 are both readable, negative Δ too."""
+    from kvlib.analysis import summary
+
+    data = memory_quality_frame(table)
+    methods = _methods(table)
+    selection = _methods_selection()
+    x = alt.X("kv_bytes_ratio:Q", title="KV cache, share of the baseline's bytes (lower: less memory)",
+              axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1.02], nice=False))  # fmt: skip
+    y_scale = alt.Scale(type="symlog", constant=0.1, nice=False)
+    tooltip = [
+        alt.Tooltip("configuration:N"),
+        alt.Tooltip("kv_bytes_ratio:Q", title="KV cache", format=".0%"),
+        alt.Tooltip("memory_note:N", title="memory"),
+        alt.Tooltip("ppl_delta:Q", title="Δ perplexity", format="+.3f"),
+        alt.Tooltip("ppl_delta_ci_low:Q", title="95% CI low", format="+.3f"),
+        alt.Tooltip("ppl_delta_ci_high:Q", title="95% CI high", format="+.3f"),
+    ]
+    base = alt.Chart().transform_filter("isValid(datum.ppl_delta)").encode(x=x)
+    bars = base.mark_rule(strokeWidth=1.2).encode(
+        y=alt.Y("ppl_delta_ci_low:Q", scale=y_scale), y2="ppl_delta_ci_high:Q", color=method_color(methods)
+    )
+    points = base.mark_point(size=70, filled=True, strokeWidth=1).encode(
+        y=alt.Y("ppl_delta:Q", title="Δ perplexity vs baseline (symmetric log; lower is better)", scale=y_scale),
+        color=method_color(methods),
+        shape=method_shape(methods),
+        tooltip=tooltip,
+    )
+    frontier = (
+        base.transform_filter(alt.datum.frontier)
+        .mark_line(color="black", strokeWidth=1.5, interpolate="step-after", opacity=0.7)
+        .encode(y=alt.Y("ppl_delta:Q", scale=y_scale), order="kv_bytes_ratio:Q")
+    )
+    # The budgets and the zero line as rows of every panel: a faceted layer chart shares one data set.
+    panels = data["panel"].unique() if not data.empty else [""]
+    guides = pd.DataFrame([{"panel": p, "budget": b} for p in panels for b in summary.BUDGETS])
+    drawn = pd.concat([data, guides], ignore_index=True)
+    budgets = (
+        alt.Chart()
+        .transform_filter("isValid(datum.budget)")
+        .mark_rule(color="#999", strokeDash=[2, 3])
+        .encode(x="budget:Q", tooltip=[alt.Tooltip("budget:Q", title="budget", format=".0%")])
+    )
+    zero = alt.Chart().transform_filter("isValid(datum.budget)").mark_rule(color="#444").encode(y=alt.datum(0))
+    layers = [_dim(points, selection).add_params(selection), _dim(bars, selection), frontier]
+    chart = alt.layer(budgets, zero, *layers, data=drawn)
+    return _facet(chart, drawn, panel).properties(
+        title=_title(
+            "Memory against quality: every measured configuration",
+            ["black line: the frontier (nothing else has less memory and a lower Δ) · bars: 95% interval · "
+             "dotted: the summary's budgets"],
+        )
+    )  # fmt: skip
+
+
+def save_memory_quality_png(table: pd.DataFrame, path: str | os.PathLike) -> Path:
+    """results/plots/memory_quality.png: the chart the README shows."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    memory_quality_chart(table).save(tmp, scale_factor=2)
+    tmp.replace(path)
+    return path
 
 
 # ------------------------------------------------------------------------------------------------------- speed
@@ -299,7 +457,9 @@ def speed_chart(
     timed = alt.datum.kind == SPEED_PANELS[0]
     pressed = alt.Chart().transform_filter(shown & (alt.datum.method != "none")).encode(x=_ratio_x(), tooltip=tooltip)
     y = alt.Y("value:Q", title=None, scale=alt.Scale(zero=False))  # Vega's default labels: 70, 3.5, 0.99
-    lines = pressed.mark_line(point=alt.OverlayMarkDef(size=50, filled=True)).encode(y=y, color=_color(table))
+    lines = pressed.mark_line(point=alt.OverlayMarkDef(size=50, filled=True)).encode(
+        y=y, color=_color(table), shape=method_shape(_methods(table)), strokeDash=method_dash(_methods(table))
+    )
     errors = (
         pressed.transform_filter(timed).mark_rule(strokeWidth=1.5).encode(y="low:Q", y2="high:Q", color=_color(table))
     )

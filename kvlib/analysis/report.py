@@ -200,6 +200,65 @@ def table_view(table: pd.DataFrame):
     )
 
 
+def explorable_frame(table: pd.DataFrame) -> pd.DataFrame:
+    """The full table for sorting and filtering: numbers kept numeric (rounded) so that they sort as numbers,
+    the Δ interval and the timing flag in columns of their own."""
+    rows = _baseline_first(table)
+    get = rows.get
+    nan = pd.Series(math.nan, index=rows.index)
+
+    def number(name: str, digits: int, factor: float = 1.0) -> pd.Series:
+        return (get(name, nan).astype(float) * factor).round(digits)
+
+    frame = pd.DataFrame(
+        {
+            "model": rows["model"],
+            "dataset": rows["dataset"],
+            "method": rows["method"],
+            "ratio": rows["compression_ratio"].astype(float),
+            "precision": get("kv_quant", pd.Series("none", index=rows.index)).fillna("none"),
+            "perplexity": number("ppl", 3),
+            "Δ perplexity": number("ppl_delta", 3),
+            "Δ 95% CI low": number("ppl_delta_ci_low", 3),
+            "Δ 95% CI high": number("ppl_delta_ci_high", 3),
+            "KV cache %": number("kv_bytes_ratio", 1, 100.0),
+            "prefill s": number("prefill_time", 3),
+            "TTFT s": number("ttft", 3),
+            "TPOT ms": number("tpot", 2, 1000.0),
+            "TPOT IQR ms": number("tpot_iqr", 2, 1000.0),
+            "prefill speedup": number("prefill_speedup", 2),
+            "TPOT speedup": number("tpot_speedup", 2),
+            "timing flag": get("timing_flag", pd.Series("", index=rows.index)).fillna("").astype(str),
+        }
+    )
+    if "prefill_chunk" in rows:
+        frame.insert(5, "prefill chunk", rows["prefill_chunk"])
+    return frame
+
+
+def explorable_table(table: pd.DataFrame):
+    """The full table, sortable (click a header) and filterable (the search box, and one box per column), with
+    itables' DataTables bundle inlined: it works offline in the exported HTML and in JupyterLab (trusted)."""
+    from IPython.display import HTML
+    from itables import javascript, options, to_html_datatable
+
+    frame = explorable_frame(table)
+    init = javascript.generate_init_offline_itables_html(options.dt_bundle)
+    body = to_html_datatable(
+        frame,
+        connected=False,
+        column_filters="footer",
+        scrollX=True,
+        lengthMenu=[25, 50, 100, -1],
+        pageLength=25,
+        classes="display compact nowrap",
+        showIndex=False,
+        maxBytes=0,
+        layout={"topStart": "pageLength", "topEnd": "search", "bottomStart": "info", "bottomEnd": "paging"},
+    )
+    return HTML(f'<div class="kvlib-table">{init}{body}</div>')
+
+
 # ------------------------------------------------------------------------------------------ the observations
 
 

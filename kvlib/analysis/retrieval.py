@@ -15,12 +15,22 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from kvlib.analysis import tables
+from kvlib.analysis import charts, tables, validate
 from kvlib.analysis.stats import wilson_interval
 
 KIND = "retrieval"
 ALL = "all"  # the `length` of the rows over every context length
-TABLE_COLUMNS = ["method", "compression_ratio", "length", "accuracy", "ci_low", "ci_high", "correct", "n_trials"]
+TABLE_COLUMNS = [
+    "method",
+    "compression_ratio",
+    "kv_quant",
+    "length",
+    "accuracy",
+    "ci_low",
+    "ci_high",
+    "correct",
+    "n_trials",
+]
 PANEL = (300, 200)
 
 
@@ -33,6 +43,7 @@ def _row(cells: list[dict], length) -> dict:
     return {
         "method": first["method"],
         "compression_ratio": float(first["compression_ratio"]),
+        "kv_quant": first.get("kv_quant", "none"),
         "length": length,
         "accuracy": correct / n if n else np.nan,
         "ci_low": low,
@@ -49,7 +60,12 @@ def _row(cells: list[dict], length) -> dict:
 
 
 def _order(cell: dict) -> tuple:
-    return (cell["method"] != "none", cell["method"], float(cell["compression_ratio"]))
+    return (
+        cell.get("kv_quant", "none") != "none",
+        cell["method"] != "none",
+        cell["method"],
+        float(cell["compression_ratio"]),
+    )
 
 
 def retrieval_table(cells: list[dict]) -> pd.DataFrame:
@@ -57,7 +73,9 @@ def retrieval_table(cells: list[dict]) -> pd.DataFrame:
     lengths (`length` "all"); the baseline first."""
     groups: dict[tuple, list[dict]] = {}
     for cell in sorted((c for c in cells if c["kind"] == KIND), key=_order):
-        groups.setdefault((cell["method"], float(cell["compression_ratio"])), []).append(cell)
+        groups.setdefault((cell["method"], float(cell["compression_ratio"]), cell.get("kv_quant", "none")), []).append(
+            cell
+        )
     rows = []
     for group in groups.values():
         by_length = sorted(group, key=lambda c: c["settings"]["max_length"])
@@ -92,13 +110,16 @@ def read_retrieval(results_dir: str | os.PathLike) -> tuple[pd.DataFrame, pd.Dat
     paths = sorted(p for p in folder.glob(f"*_kv_{KIND}.csv") if not p.name.endswith(f"_all_kv_{KIND}.csv"))
     frames, records = [], []
     for path in paths:
-        frame = pd.read_csv(path, dtype={"length": str})
+        frame = validate.read_table(path, validate.RETRIEVAL, "retrieval table", dtype={"length": str})
+        validate.check_retrieval_rows(frame, path)
         if frame.empty:
             continue
         frames.append(frame)
         record_path = path.with_name(path.name.replace(f"_kv_{KIND}.csv", f"_kv_{KIND}_records.csv"))
         if record_path.is_file():
-            part = pd.read_csv(record_path, dtype={"needle": str, "answer": str})
+            part = validate.read_table(
+                record_path, validate.RETRIEVAL_RECORDS, "retrieval records table", dtype={"needle": str, "answer": str}
+            )
             records.append(part.assign(model=frame["model"].iloc[0], dataset=frame["dataset"].iloc[0]))
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     return table, pd.concat(records, ignore_index=True) if records else pd.DataFrame()
@@ -114,8 +135,7 @@ def _panel(table: pd.DataFrame) -> pd.Series:
 
 
 def _color(methods: list[str]) -> alt.Color:
-    scheme = "tableau10" if len(methods) <= 10 else "tableau20"  # as charts._color: no two methods share one
-    return alt.Color("method:N", title="method (click)", scale=alt.Scale(domain=methods, scheme=scheme))
+    return charts.method_color(methods)  # the family palette of every other chart
 
 
 def accuracy_chart(table: pd.DataFrame, length: str = ALL, panel: tuple[int, int] = PANEL) -> alt.Chart:

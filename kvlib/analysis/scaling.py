@@ -34,12 +34,13 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from kvlib.analysis import charts, tables
+from kvlib.analysis import charts, tables, validate
 from kvlib.analysis.stats import median_iqr, ratio
 from kvlib.files import slug
 
 KIND = "scaling"
 BASELINE = tables.BASELINE
+is_baseline = tables.is_baseline
 SAVING_TARGET = 0.10  # an observation names where a press first saves this fraction of the decode time
 MIN_RUNS_FOR_SPREAD = 3  # fewer timed runs per cell than this: the observations say that no spread was measured
 COLUMNS = [
@@ -127,7 +128,7 @@ def fit(table: pd.DataFrame) -> TpotFit:
     """The fit of one model and dataset's scaling table: its baseline rows' median TPOT per context length."""
     if {"model", "dataset"} <= set(table.columns) and len(table[["model", "dataset"]].drop_duplicates()) > 1:
         raise ValueError("fit one model and dataset at a time (group the table by model and dataset)")
-    base = table[(table["method"] == BASELINE[0]) & table["tpot"].notna()].sort_values("context_length")
+    base = table[is_baseline(table) & table["tpot"].notna()].sort_values("context_length")
     return fit_points(base["context_length"], base["tpot"])
 
 
@@ -140,7 +141,7 @@ def _apply_fit(rows: pd.DataFrame) -> pd.DataFrame:
         for column in ("fit_tpot", "fit_tpot_kept", "bound_speedup", "fraction_of_bound", "fit_w", "fit_c",
                        "fit_rms", "fit_r2"):  # fmt: skip
             rows[column] = math.nan
-        rows["fit_points"] = int(rows.loc[rows["method"] == BASELINE[0], "context_length"].nunique())
+        rows["fit_points"] = int(rows.loc[is_baseline(rows), "context_length"].nunique())
         return rows
     rows["fit_tpot"] = line(rows["context_length"].astype(float))
     rows["fit_tpot_kept"] = line(rows["kept_length"].astype(float))
@@ -172,6 +173,7 @@ def scaling_table(cells: list[dict]) -> pd.DataFrame:
             **cell.get("identity_columns", {}),
             "method": cell["method"],
             "compression_ratio": compression_ratio,
+            "kv_quant": cell.get("kv_quant", "none"),
             "context_length": length,
             "kept_length": kept_length(length, compression_ratio),
         }
@@ -194,7 +196,7 @@ def scaling_table(cells: list[dict]) -> pd.DataFrame:
         return pd.DataFrame(columns=COLUMNS)
     table = pd.DataFrame(rows)
     table = pd.concat([_apply_fit(part) for _, part in table.groupby(["model", "dataset"], sort=True)])
-    table = table.assign(_base=table["method"] != BASELINE[0])
+    table = table.assign(_base=~is_baseline(table))
     table = table.sort_values(["model", "dataset", "context_length", "_base", "method", "compression_ratio"])
     table = table.drop(columns="_base").reset_index(drop=True)
     for column in COLUMNS:
@@ -223,7 +225,7 @@ tables.KIND_TABLES[KIND] = (scaling_table, scaling_records)
 def read_tables(results_dir: str | os.PathLike) -> pd.DataFrame:
     """Every `*_kv_scaling.csv` under `results_dir`, stacked; an empty table when there is none."""
     paths = sorted(Path(results_dir).resolve().glob(f"*_kv_{KIND}.csv"))
-    frames = [pd.read_csv(p) for p in paths]
+    frames = [validate.read_table(p, validate.SCALING, "scaling table") for p in paths]
     frames = [f for f in frames if not f.empty]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=COLUMNS)
 
@@ -284,7 +286,7 @@ def observations(table: pd.DataFrame) -> str:
     """Markdown bullet points read off the scaling table: nothing in them is written by hand."""
     lines = []
     for (model, dataset), part in table.groupby(["model", "dataset"], sort=True):
-        pressed = part[(part["method"] != BASELINE[0]) & part["tpot_speedup"].notna()]
+        pressed = part[~is_baseline(part) & part["tpot_speedup"].notna()]
         lengths = sorted(part["context_length"].unique())
         lines.append(f"- **{_name(model)} / {dataset}** at {', '.join(str(int(n)) for n in lengths)} tokens:")
         if pressed.empty:
@@ -314,7 +316,7 @@ def observations(table: pd.DataFrame) -> str:
                 f"{_range(at_longest['fraction_of_bound'], '.2f')}); prefill "
                 f"{_range(100 * at_longest['prefill_overhead'], '+.0f')}% vs the baseline."
             )
-        base = part[(part["method"] == BASELINE[0]) & (part["context_length"] == longest)]
+        base = part[is_baseline(part) & (part["context_length"] == longest)]
         top = pressed[(pressed["context_length"] == longest)]
         top = top[top["compression_ratio"] == top["compression_ratio"].max()]
         if not base.empty and not top.empty:
@@ -333,7 +335,7 @@ def observations(table: pd.DataFrame) -> str:
             if math.isnan(rms):
                 scatter = "the baseline has too few lengths to fit"
             else:
-                median_tpot = part.loc[part["method"] == BASELINE[0], "tpot"].median()
+                median_tpot = part.loc[is_baseline(part), "tpot"].median()
                 scatter = f"the baseline's TPOT scatters about its fit by {_ms(rms, '.1f')} RMS " \
                           f"({100 * rms / median_tpot:.0f}% of its median TPOT)"  # fmt: skip
             lines.append(
@@ -391,10 +393,10 @@ def _panels(table: pd.DataFrame) -> pd.Series:
 
 def _by_ratio(table: pd.DataFrame, baseline_too: bool = False) -> pd.DataFrame:
     """The pressed rows with a facet label per ratio; with `baseline_too`, the baseline rows repeated in each."""
-    pressed = table[table["method"] != BASELINE[0]]
+    pressed = table[~is_baseline(table)]
     frames = [pressed]
     if baseline_too:
-        base = table[table["method"] == BASELINE[0]]
+        base = table[is_baseline(table)]
         frames += [base.assign(compression_ratio=r) for r in sorted(pressed["compression_ratio"].unique())]
     data = pd.concat(frames, ignore_index=True)
     return data.assign(panel=_panels(data), ratio_label="ratio " + data["compression_ratio"].map(lambda v: f"{v:g}"))

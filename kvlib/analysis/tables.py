@@ -15,14 +15,41 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from kvlib.analysis import validate
 from kvlib.analysis.stats import median_iqr, perplexity, ppl_delta_ci, ratio
 from kvlib.files import atomic_write, slug
 
-BASELINE = ("none", 0.0)
+BASELINE = ("none", 0.0, "none")  # (method, ratio, kv_quant): the uncompressed float cache
+# Cache precisions from most to fewest bits (kvlib.cache.storage names them; kept here so analysis needs no torch).
+PRECISION_ORDER = (
+    "none",
+    "fp8",
+    "hqq-int8",
+    "quanto-int4",
+    "hqq-int4",
+    "hqq-int3",
+    "quanto-int2",
+    "hqq-int2",
+    "hqq-int1",
+)
+
+
+def is_baseline(frame: pd.DataFrame) -> pd.Series:
+    """Rows of the uncompressed float cache (tables written before precisions existed have no kv_quant column)."""
+    precision = frame["kv_quant"] if "kv_quant" in frame else "none"
+    return (frame["method"] == BASELINE[0]) & (precision == BASELINE[2])
+
+
+def cell_key(cell: dict) -> tuple[str, float, str]:
+    """A result's row: (method, ratio, kv_quant); results stored before precisions existed are float (`none`)."""
+    return cell["method"], float(cell["compression_ratio"]), cell.get("kv_quant", "none")
+
+
 TIMING_FIELDS = ("prefill_time", "ttft", "tpot", "throughput", "decode_time", "total_generation_time")
 METRIC_COLUMNS = [
     "method",
     "compression_ratio",
+    "kv_quant",
     "ppl",
     "ppl_delta",
     "prefill_time",
@@ -60,21 +87,24 @@ def _timing_flag(runs: list[dict], baseline_runs: list[dict]) -> tuple[float, fl
 
 
 def metrics_table(cells: list[dict]) -> pd.DataFrame:
-    """One row per method x ratio from `ppl` and `latency` results of one settings set."""
-    by_kind: dict[str, dict[tuple[str, float], dict]] = {"ppl": {}, "latency": {}}
+    """One row per method x ratio x cache precision (`kv_quant`) from `ppl` and `latency` results of one settings
+    set; every Δ and speedup is against the float, uncompressed baseline."""
+    by_kind: dict[str, dict[tuple[str, float, str], dict]] = {"ppl": {}, "latency": {}}
     for cell in cells:
         if cell["kind"] in by_kind:
-            by_kind[cell["kind"]][(cell["method"], float(cell["compression_ratio"]))] = cell
+            by_kind[cell["kind"]][cell_key(cell)] = cell
     ppl_cells, latency_cells = by_kind["ppl"], by_kind["latency"]
-    keys = sorted(set(ppl_cells) | set(latency_cells), key=lambda k: (k != BASELINE, k[0], k[1]))
+    order = {name: i for i, name in enumerate(PRECISION_ORDER)}
+    keys = sorted(
+        set(ppl_cells) | set(latency_cells),
+        key=lambda k: (k != BASELINE, order.get(k[2], len(order)), k[0] != "none", k[0], k[1]),
+    )
     base_ppl = ppl_cells.get(BASELINE)
     rows = []
-    for method, compression_ratio in keys:
-        row: dict[str, Any] = {"method": method, "compression_ratio": compression_ratio}
-        ppl_cell, latency_cell = (
-            ppl_cells.get((method, compression_ratio)),
-            latency_cells.get((method, compression_ratio)),
-        )
+    for key in keys:
+        method, compression_ratio, precision = key
+        row: dict[str, Any] = {"method": method, "compression_ratio": compression_ratio, "kv_quant": precision}
+        ppl_cell, latency_cell = ppl_cells.get(key), latency_cells.get(key)
         for cell in (ppl_cell, latency_cell):
             if cell:
                 row.update({"options": json.dumps(cell["options"], sort_keys=True), **cell["settings"]})
@@ -86,6 +116,13 @@ def metrics_table(cells: list[dict]) -> pd.DataFrame:
             row["n_ppl_tokens"] = sum(r["n_tokens"] for r in records)
             row["cache_length"] = float(np.mean([r["cache_length"] for r in records]))
             row["ppl_effective_ratio"] = ppl_cell.get("effective_ratio", math.nan)
+            if base_ppl and all("kv_bytes" in r for r in records + base_ppl["records"]):
+                # What the cache holds after the prefix (the quality rows' own cache), against the baseline's.
+                row["kv_bytes"] = float(np.mean([r["kv_bytes"] for r in records]))
+                row["kv_bytes_ratio"] = ratio(
+                    row["kv_bytes"], float(np.mean([r["kv_bytes"] for r in base_ppl["records"]]))
+                )
+                row["kv_bytes_per_token"] = ratio(row["kv_bytes"], row["cache_length"])
             if base_ppl:
                 row["ppl_delta"] = row["ppl"] - perplexity(base_ppl["records"])
                 seed = ppl_cell["settings"].get("seed", 0)
@@ -95,8 +132,10 @@ def metrics_table(cells: list[dict]) -> pd.DataFrame:
             for field in TIMING_FIELDS:
                 row[field], row[f"{field}_iqr"] = median_iqr([r[field] for r in runs])
                 row[f"baseline_{field}"] = median_iqr([r[field] for r in baseline_runs])[0]
-            row["kv_bytes"] = runs[0]["kv_bytes"]
-            row["kv_bytes_ratio"] = ratio(runs[0]["kv_bytes"], baseline_runs[0]["kv_bytes"])
+            if "kv_bytes" not in row:  # rows with perplexity report the bytes of the perplexity prefix
+                row["kv_bytes"] = runs[0]["kv_bytes"]
+                row["kv_bytes_ratio"] = ratio(runs[0]["kv_bytes"], baseline_runs[0]["kv_bytes"])
+                row["kv_bytes_per_token"] = ratio(runs[0]["kv_bytes"], runs[0]["cache_length"])
             row["n_timing_runs"] = len(runs)
             row["timing_spread"], row["other_cpu"], row["timing_flag"] = _timing_flag(runs, baseline_runs)
             # Against the baseline runs interleaved with this cell's own (same notebook, same rounds).
@@ -126,6 +165,7 @@ def window_records(cells: list[dict]) -> pd.DataFrame:
         frame.insert(0, "kind", cell["kind"])
         frame.insert(1, "method", cell["method"])
         frame.insert(2, "compression_ratio", cell["compression_ratio"])
+        frame.insert(3, "kv_quant", cell.get("kv_quant", "none"))
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -176,12 +216,9 @@ REQUIRED_COLUMNS = ("model", "dataset", "method", "compression_ratio")
 def read_metrics_csv(path: str | os.PathLike) -> pd.DataFrame:
     """A metrics table written by kvlib; a clear error for anything else."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"metrics CSV not found: {path.resolve()}")
-    try:
-        table = pd.read_csv(path)
-    except (UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        raise ValueError(f"{path} is not a kvlib metrics table ({type(error).__name__}: {error})") from error
+    table = validate.read_table(path, validate.METRICS, "metrics table")  # every column's type and range, by row
+    if "kv_quant" not in table:  # written before cache precisions existed: every row is a float cache
+        table.insert(METRIC_COLUMNS.index("kv_quant"), "kv_quant", "none")
     missing = [c for c in (*REQUIRED_COLUMNS, *METRIC_COLUMNS) if c not in table]
     if missing:
         raise ValueError(f"{path} is not a kvlib metrics table: it lacks the columns {', '.join(missing)}")

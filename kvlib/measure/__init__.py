@@ -3,8 +3,9 @@
 Every kind module has the same small surface, which is all the study dispatches to:
 - `SETTINGS`: the protocol settings (attributes of the study's settings) that identify one of its results;
 - `check(settings, presses)`: every check that needs no model weights;
-- `measure(model, tokenizer, windows, presses, settings, log)`: yields `(label, result)` for the presses
-  (label -> Press) as their results are complete; a result is a JSON-able dict.
+- `measure(model, tokenizer, windows, policies, settings, log)`: yields `(label, result)` for the cache policies
+  (label -> `kvlib.cache.CachePolicy`: a press and how its kept positions are stored) as their results are
+  complete; a result is a JSON-able dict.
 Optional:
 - `min_windows(settings)`: how many token windows of `max_length` it needs (default 1);
 - `LENGTHS`: a kind that sweeps the context length declares its default lengths; the study then measures it at

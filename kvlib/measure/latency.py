@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 
-from kvlib.cache import cache_length, extend, kv_bytes, new_cache
+from kvlib.cache import CachePolicy, as_policy, cache_length, extend, kv_bytes
 from kvlib.measure.machine import LoadMeter
 from kvlib.measure.memory import PeakMemory
 from kvlib.presses import Press, load_press
@@ -35,18 +35,18 @@ def check(settings, presses: list[Press]) -> None:
 
 
 @torch.no_grad()
-def time_generation(model: torch.nn.Module, prompt: torch.Tensor, press: Press, gen_tokens: int) -> dict:
-    """One timed greedy generation of exactly `gen_tokens` tokens after a pressed prefill of `prompt` [1, n]."""
+def time_generation(model: torch.nn.Module, prompt: torch.Tensor, policy: Press | CachePolicy, gen_tokens: int) -> dict:
+    """One timed greedy generation of exactly `gen_tokens` tokens after prefilling `prompt` [1, n] under a cache
+    policy (or a press stored in float). Quantizing the kept prefix is part of the prefill, as in transformers."""
+    policy = as_policy(policy)
     if gen_tokens < 2:
         raise ValueError(f"gen_tokens must be at least 2 (TPOT needs a token after the first); got {gen_tokens}")
     synchronize = torch.cuda.synchronize if prompt.device.type == "cuda" else (lambda: None)
     peak = PeakMemory(prompt.device)
     with peak, LoadMeter() as meter:
-        cache = new_cache(model)  # inside the span: the cache is part of what the run grows the process by
-        synchronize()
+        synchronize()  # the cache is built inside the span: it is part of what the run grows the process by
         start = time.perf_counter()
-        with press(model):
-            logits = model(prompt, cache=cache, use_cache=True, logits_to_keep=1).logits
+        logits, cache = policy.prefill(model, prompt)
         synchronize()
         prefill_end = time.perf_counter()
         token = logits[:, -1].argmax(dim=-1, keepdim=True)
@@ -81,22 +81,22 @@ def time_generation(model: torch.nn.Module, prompt: torch.Tensor, press: Press, 
 def interleaved_runs(
     model: torch.nn.Module,
     prompt: np.ndarray,
-    presses: dict[str, Press],
+    policies: dict[str, Press | CachePolicy],
     gen_tokens: int,
     warmup_times: int,
     n_timing: int,
     log: Callable[[str], None] = print,
 ) -> dict[str, list[dict]]:
-    """`warmup_times` discarded rounds, then `n_timing` timed ones; a round runs every press once, in order."""
+    """`warmup_times` discarded rounds, then `n_timing` timed ones; a round runs every policy once, in order."""
     device = next(model.parameters()).device
     ids = torch.as_tensor(prompt, device=device)[None]
     for _ in range(warmup_times):
-        for press in presses.values():
-            time_generation(model, ids, press, gen_tokens)
-    runs: dict[str, list[dict]] = {label: [] for label in presses}
+        for policy in policies.values():
+            time_generation(model, ids, policy, gen_tokens)
+    runs: dict[str, list[dict]] = {label: [] for label in policies}
     for i in range(n_timing):
-        for label, press in presses.items():
-            runs[label].append({"run": i, **time_generation(model, ids, press, gen_tokens)})
+        for label, policy in policies.items():
+            runs[label].append({"run": i, **time_generation(model, ids, policy, gen_tokens)})
         tpots = ", ".join(f"{label} {r[-1]['tpot'] * 1e3:.1f}" for label, r in runs.items())
         log(f"  round {i + 1}/{n_timing}: tpot ms {tpots}")
     return runs
@@ -106,16 +106,22 @@ def measure(
     model: torch.nn.Module,
     tokenizer,
     windows: np.ndarray,
-    presses: dict[str, Press],
+    policies: dict[str, CachePolicy],
     settings,
     log: Callable[[str], None] = print,
 ) -> Iterator[tuple[str, dict]]:
-    """Timed runs of each press on the first window, interleaved with the baseline's; each result carries the
-    baseline runs of its round (`baseline_runs`)."""
-    baseline = next((label for label, press in presses.items() if press.name == BASELINE), BASELINE)
-    group = {baseline: load_press(BASELINE), **{k: v for k, v in presses.items() if k != baseline}}
+    """Timed runs of each cache policy on the first window, interleaved with the float baseline's; each result
+    carries the baseline runs of its round (`baseline_runs`)."""
+    policies = {label: as_policy(policy) for label, policy in policies.items()}
+    baseline = next((label for label, p in policies.items() if _is_baseline(p)), BASELINE)
+    group = {baseline: CachePolicy(load_press(BASELINE)), **{k: v for k, v in policies.items() if k != baseline}}
     runs = interleaved_runs(
         model, windows[0], group, settings.gen_tokens, settings.warmup_times, settings.n_timing, log
     )
-    for label in presses:
+    for label in policies:
         yield label, {"runs": runs[label], "baseline_runs": runs[baseline]}
+
+
+def _is_baseline(policy: CachePolicy) -> bool:
+    """The uncompressed float cache: no press, no quantization."""
+    return policy.press.name == BASELINE and not policy.identity()

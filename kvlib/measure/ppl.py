@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional as F
 
 from kvlib.analysis.stats import perplexity
-from kvlib.cache import cache_length, extend, kv_bytes, new_cache
+from kvlib.cache import CachePolicy, as_policy, cache_length, extend, kv_bytes
 from kvlib.presses import Press, SharedPrefill
 
 SETTINGS = ("prefix_ratio", "n_ppl")
@@ -56,21 +56,23 @@ def _suffix_record(model, ids: torch.Tensor, prefix_len: int, last_prefix_logits
 
 
 @torch.no_grad()
-def window_nll(model: torch.nn.Module, ids: torch.Tensor, press: Press, prefix_len: int) -> dict:
-    """NLL of the suffix of one window ([1, length] token ids) after prefilling the prefix under `press`."""
-    cache = new_cache(model)
-    with press(model):
-        last_prefix_logits = model(ids[:, :prefix_len], cache=cache, use_cache=True, logits_to_keep=1).logits
+def window_nll(model: torch.nn.Module, ids: torch.Tensor, policy: Press | CachePolicy, prefix_len: int) -> dict:
+    """NLL of the suffix of one window ([1, length] token ids) after prefilling the prefix under `policy` (a cache
+    policy, or a press stored in float)."""
+    last_prefix_logits, cache = as_policy(policy).prefill(model, ids[:, :prefix_len])
     return _suffix_record(model, ids, prefix_len, last_prefix_logits, cache)
 
 
 @torch.no_grad()
-def shared_window_nll(model: torch.nn.Module, ids: torch.Tensor, presses: dict[str, Press], prefix_len: int) -> dict:
-    """`window_nll` of every press (label -> Press) from one shared prefill of the prefix."""
-    shared = SharedPrefill.run(model, ids[:, :prefix_len], list(presses.values()))
+def shared_window_nll(
+    model: torch.nn.Module, ids: torch.Tensor, policies: dict[str, Press | CachePolicy], prefix_len: int
+) -> dict:
+    """`window_nll` of every policy (label -> policy or press) from one shared prefill of the prefix."""
+    policies = {label: as_policy(policy) for label, policy in policies.items()}
+    shared = SharedPrefill.run(model, ids[:, :prefix_len], [policy.press for policy in policies.values()])
     records = {}
-    for label, press in presses.items():
-        records[label] = _suffix_record(model, ids, prefix_len, shared.logits, press.prune(shared))
+    for label, policy in policies.items():
+        records[label] = _suffix_record(model, ids, prefix_len, shared.logits, policy.from_shared(shared))
     return records
 
 
@@ -78,23 +80,25 @@ def measure(
     model: torch.nn.Module,
     tokenizer,
     windows: np.ndarray,
-    presses: dict[str, Press],
+    policies: dict[str, CachePolicy],
     settings,
     log: Callable[[str], None] = print,
 ) -> Iterator[tuple[str, dict]]:
-    """Per-window records of every press over the first `n_ppl` windows; ppl = exp(sum nll_sum / sum n_tokens)."""
+    """Per-window records of every cache policy over the first `n_ppl` windows; ppl = exp(sum nll_sum / sum
+    n_tokens)."""
+    policies = {label: as_policy(policy) for label, policy in policies.items()}
     device = next(model.parameters()).device
     prefix_len = prefix_length(windows.shape[1], settings.prefix_ratio)
-    records: dict[str, list[dict]] = {label: [] for label in presses}
+    records: dict[str, list[dict]] = {label: [] for label in policies}
     effective: dict[str, float] = {}
     chosen = windows[: settings.n_ppl]
     for i, window in enumerate(chosen):
         ids = torch.as_tensor(window, device=device)[None]
-        for label, record in shared_window_nll(model, ids, presses, prefix_len).items():
+        for label, record in shared_window_nll(model, ids, policies, prefix_len).items():
             records[label].append({"window": i, **record})
-            report = presses[label].last_report
+            report = policies[label].press.last_report
             effective[label] = report.effective_ratio if report else 0.0
-        log(f"  window {i + 1}/{len(chosen)}: {len(presses)} press(es) from one prefill")
-    for label in presses:
+        log(f"  window {i + 1}/{len(chosen)}: {len(policies)} cache policies from one prefill")
+    for label in policies:
         log(f"  {label}: ppl {perplexity(records[label]):.3f}")
         yield label, {"records": records[label], "effective_ratio": effective.get(label, 0.0)}

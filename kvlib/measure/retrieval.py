@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 import kvlib.analysis.retrieval  # noqa: F401  (registers the retrieval table in analysis.tables.KIND_TABLES)
-from kvlib.cache import cache_length, extend, kv_bytes, new_cache
+from kvlib.cache import CachePolicy, as_policy, cache_length, extend, kv_bytes
 from kvlib.presses import Press, SharedPrefill
 
 SETTINGS = ("depths", "trials", "question_aware", "answer_tokens")
@@ -193,26 +193,25 @@ def _ids(array: np.ndarray, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def trial_answer(model: torch.nn.Module, trial: Trial, press: Press, answer_tokens: int) -> dict:
-    """The answer to one trial with the context prefilled under `press` (the reference for the shared path)."""
+def trial_answer(model: torch.nn.Module, trial: Trial, policy: Press | CachePolicy, answer_tokens: int) -> dict:
+    """The answer to one trial with the context prefilled under `policy` (the reference for the shared path)."""
     device = next(model.parameters()).device
-    cache = new_cache(model)
-    with press(model):
-        logits = model(_ids(trial.context, device), cache=cache, use_cache=True, logits_to_keep=1).logits
+    logits, cache = as_policy(policy).prefill(model, _ids(trial.context, device))
     return _answer(model, logits, cache, len(trial.context), _ids(trial.question, device), answer_tokens)
 
 
 @torch.no_grad()
 def shared_trial_answers(
-    model: torch.nn.Module, trial: Trial, presses: dict[str, Press], answer_tokens: int
+    model: torch.nn.Module, trial: Trial, policies: dict[str, Press | CachePolicy], answer_tokens: int
 ) -> dict[str, dict]:
-    """`trial_answer` of every press (label -> Press) from one shared prefill of the context."""
+    """`trial_answer` of every policy (label -> policy or press) from one shared prefill of the context."""
     device = next(model.parameters()).device
-    shared = SharedPrefill.run(model, _ids(trial.context, device), list(presses.values()))
+    policies = {label: as_policy(policy) for label, policy in policies.items()}
+    shared = SharedPrefill.run(model, _ids(trial.context, device), [policy.press for policy in policies.values()])
     question = _ids(trial.question, device)
     return {
-        label: _answer(model, shared.logits, press.prune(shared), len(trial.context), question, answer_tokens)
-        for label, press in presses.items()
+        label: _answer(model, shared.logits, policy.from_shared(shared), len(trial.context), question, answer_tokens)
+        for label, policy in policies.items()
     }
 
 
@@ -220,16 +219,17 @@ def measure(
     model: torch.nn.Module,
     tokenizer,
     windows: np.ndarray,
-    presses: dict[str, Press],
+    policies: dict[str, CachePolicy],
     settings,
     log: Callable[[str], None] = print,
 ) -> Iterator[tuple[str, dict]]:
-    """Per-trial records of every press at one length (`settings.max_length`): depths x `trials` trials."""
+    """Per-trial records of every cache policy at one length (`settings.max_length`): depths x `trials` trials."""
+    policies = {label: as_policy(policy) for label, policy in policies.items()}
     planned = trials(tokenizer, windows, settings)  # every prompt built (and checked) before the first prefill
-    records: dict[str, list[dict]] = {label: [] for label in presses}
+    records: dict[str, list[dict]] = {label: [] for label in policies}
     effective: dict[str, float] = {}
     for i, trial in enumerate(planned):
-        for label, answer in shared_trial_answers(model, trial, presses, settings.answer_tokens).items():
+        for label, answer in shared_trial_answers(model, trial, policies, settings.answer_tokens).items():
             text = tokenizer.decode(answer["tokens"], skip_special_tokens=True)
             records[label].append({
                 "trial": trial.trial,
@@ -244,11 +244,11 @@ def measure(
                 "kv_bytes": answer["kv_bytes"],
                 "cache_length": answer["cache_length"],
             })  # fmt: skip
-            report = presses[label].last_report
+            report = policies[label].press.last_report
             effective[label] = report.effective_ratio if report else 0.0
         right = sum(r[-1]["correct"] for r in records.values())
-        log(f"  trial {i + 1}/{len(planned)} (depth {trial.depth:g}): {right}/{len(presses)} press(es) correct")
-    for label in presses:
+        log(f"  trial {i + 1}/{len(planned)} (depth {trial.depth:g}): {right}/{len(policies)} cache policies correct")
+    for label in policies:
         correct = sum(r["correct"] for r in records[label])
         log(f"  {label}: {correct}/{len(records[label])} correct")
         yield label, {"records": records[label], "effective_ratio": effective.get(label, 0.0)}

@@ -37,7 +37,7 @@ def measure(
     model: torch.nn.Module,
     tokenizer,
     windows: np.ndarray,
-    presses: dict[str, Press],
+    policies: dict,
     settings,
     log: Callable[[str], None] = print,
 ) -> Iterator[tuple[str, dict]]:
@@ -50,5 +50,5 @@ def measure(
     device = next(model.parameters()).device
     primer = torch.as_tensor(windows[0][:PRIMER_TOKENS], device=device)[None]
     latency.time_generation(model, primer, load_press(latency.BASELINE), 2)
-    for label, result in latency.measure(model, tokenizer, windows, presses, settings, log):
+    for label, result in latency.measure(model, tokenizer, windows, policies, settings, log):
         yield label, {**result, "prompt_length": int(windows.shape[1])}

@@ -25,9 +25,7 @@ A press that scores by running the model again after the prefill (KVzip re-reads
 
 from __future__ import annotations
 
-import copy
 import math
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -35,8 +33,10 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache
 from transformers.modeling_utils import AttentionInterface
+
+from kvlib.cache.layers import eager_function, fork_cache, new_cache, prune_cache
 
 
 @dataclass
@@ -193,7 +193,7 @@ class Press:
             scores = self.layer_scores(layer)
         return scores.topk(self.budget(n, layer), dim=-1).indices.sort(dim=-1).values
 
-    def prune(self, shared: SharedPrefill) -> DynamicCache:
+    def prune(self, shared: SharedPrefill) -> Cache:
         """This press's own pruned copy of a shared prefill's cache (the shared cache is left as it was)."""
         if self.compression_ratio == 0:
             kept = {}
@@ -208,7 +208,7 @@ class Press:
                 for idx, layer in shared.layers.items()
             }
         cache = fork_cache(shared.cache)
-        self.last_report = prune_cache(cache, kept, shared.prefix_length, self.compression_ratio)
+        self.last_report = _pruned(cache, kept, shared.prefix_length)
         return cache
 
     @contextmanager
@@ -229,35 +229,8 @@ def _rescore_key(press: Press) -> str:
     return f"{type(press).__qualname__} {sorted(press.options().items())!r}"
 
 
-# --- caches ----------------------------------------------------------------------------------------------------
-
-
-def fork_cache(cache: DynamicCache) -> DynamicCache:
-    """A cache that starts from the same tensors but grows on its own: layers only ever replace their tensors
-    (cat, gather, slice), never write into them, so sharing the prefix tensors is safe."""
-    forked = copy.copy(cache)
-    forked.layers = [copy.copy(layer) for layer in cache.layers]
-    return forked
-
-
-def prune_cache(cache: Cache, kept: dict[int, torch.Tensor], prefix_length: int, ratio: float) -> PressReport:
-    """Keep `kept[layer]` positions of each listed layer; report entries before and after."""
-    before = after = 0
-    for layer_idx, layer in enumerate(cache.layers):
-        stored = layer.keys.shape[-2] if layer.keys is not None and layer.keys.numel() else 0
-        before += stored
-        indices = kept.get(layer_idx)
-        if indices is None:
-            after += stored
-            continue
-        if type(layer) is not DynamicLayer:
-            raise TypeError(
-                f"kvlib presses prune DynamicCache layers; layer {layer_idx} is a {type(layer).__name__} "
-                "(use transformers.DynamicCache)"
-            )
-        layer.keys = layer.keys.gather(2, indices[..., None].expand(-1, -1, -1, layer.keys.shape[-1]))
-        layer.values = layer.values.gather(2, indices[..., None].expand(-1, -1, -1, layer.values.shape[-1]))
-        after += indices.shape[-1]
+def _pruned(cache: Cache, kept: dict[int, torch.Tensor], prefix_length: int) -> PressReport:
+    before, after = prune_cache(cache, kept)
     return PressReport(prefix_length, dict(kept), before, after)
 
 
@@ -283,17 +256,6 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
             "attention); kvlib presses cannot prune its cache"
         )
     return modules
-
-
-def _eager_function(module: nn.Module) -> Callable:
-    """The model's own eager attention, which transformers calls when no implementation is registered."""
-    function = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    if function is None:
-        raise TypeError(
-            f"{type(module).__name__} defines no `eager_attention_forward`; load the model with "
-            "attn_implementation='sdpa' to use kvlib presses"
-        )
-    return function
 
 
 def _n_layers(model: nn.Module) -> int:
@@ -355,7 +317,7 @@ class _PressState(_Recorder):
         for idx, layer in self.deferred.items():
             self.kept[idx] = self.press.keep(layer, None if self.scores is None else self.scores[idx])
         self.deferred, self.scores = {}, None
-        report = prune_cache(cache, self.kept, self.prefix_length, self.press.compression_ratio)
+        report = _pruned(cache, self.kept, self.prefix_length)
         if self.press.compression_ratio > 0 and not self.kept:
             raise ValueError("no layer of this model could be compressed: every attention layer uses a sliding window")
         self.press.last_report = report
@@ -384,11 +346,11 @@ def _recording(model: nn.Module, recorder: _Recorder, rotary: bool) -> Iterator[
     if original is None:
         if implementation != "eager":
             raise TypeError(f"attention implementation {implementation!r} is not registered in transformers")
-        eager = {id(m): _eager_function(m) for m in modules}
+        eager = {id(m): eager_function(m) for m in modules}
     rotary_tables: dict[int, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
     def attention(module, query, key, value, attention_mask, **kwargs):
-        inner = original if original is not None else eager.get(id(module)) or _eager_function(module)
+        inner = original if original is not None else eager.get(id(module)) or eager_function(module)
         output = inner(module, query, key, value, attention_mask, **kwargs)
         if recorder.rescoring:  # a press's own passes after the prefill: only its observer sees them
             if recorder.observer is not None and id(module) in module_ids and kwargs.get("sliding_window") is None:
@@ -504,7 +466,7 @@ class SharedPrefill:
     """
 
     logits: torch.Tensor
-    cache: DynamicCache
+    cache: Cache
     layers: dict[int, PrefillLayer]
     prefix_length: int
     rescored: dict[str, dict[int, torch.Tensor] | None] = field(default_factory=dict)
@@ -517,7 +479,7 @@ class SharedPrefill:
         for press in presses:
             press.check_prefix_length(ids.shape[1])
         recorder = _SharedRecorder(queries, presses)
-        cache = DynamicCache(config=model.config)
+        cache = new_cache(model)
         rotary = any(p.needs_rotary for p in presses)
         with _recording(model, recorder, rotary=rotary):
             logits = model(ids, cache=cache, use_cache=True, logits_to_keep=logits_to_keep).logits

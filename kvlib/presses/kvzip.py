@@ -8,7 +8,8 @@ from torch import nn
 from transformers import AutoTokenizer
 from transformers.cache_utils import Cache
 
-from kvlib.presses.base import PrefillLayer, Press, fork_cache, option
+from kvlib.cache.layers import fork_cache
+from kvlib.presses.base import PrefillLayer, Press, option
 from kvlib.presses.registry import register
 
 # Attention weights computed at once: reconstruction queries are taken in blocks of about this many weights.

@@ -30,7 +30,19 @@ class CellError(ValueError):
     """A file under cells/ that is not a kvlib result (corrupt, foreign, or edited by hand)."""
 
 
-def identity(kind: str, model: dict, text: dict, settings: dict, method: str, ratio: float, options: dict) -> dict:
+def identity(
+    kind: str,
+    model: dict,
+    text: dict,
+    settings: dict,
+    method: str,
+    ratio: float,
+    options: dict,
+    cache: dict | None = None,
+) -> dict:
+    """`cache`: what the cache policy adds beyond the press (its precision; empty for the default policy, so that
+    results stored before policies existed keep their identity)."""
+    extra = {"cache": cache} if cache else {}
     return {
         "kind": kind,
         "model": model,
@@ -39,6 +51,7 @@ def identity(kind: str, model: dict, text: dict, settings: dict, method: str, ra
         "method": method,
         "options": options,
         "compression_ratio": repr(float(ratio)),  # exact: 0.5 and 0.5000001 are different cells
+        **extra,
     }
 
 
@@ -52,7 +65,9 @@ def cell_folder(output_dir: str | os.PathLike, model: str, dataset: str, kind: s
 
 def cell_path(output_dir: str | os.PathLike, model: str, dataset: str, cell_identity: dict) -> Path:
     ratio = float(cell_identity["compression_ratio"])
-    name = f"{cell_identity['method']}_{ratio:g}-{cell_id(cell_identity)}.json"
+    precision = cell_identity.get("cache", {}).get("kv_quant")
+    variant = f"_{precision}" if precision else ""
+    name = f"{cell_identity['method']}_{ratio:g}{variant}-{cell_id(cell_identity)}.json"
     return cell_folder(output_dir, model, dataset, cell_identity["kind"]) / name
 
 

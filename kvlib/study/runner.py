@@ -13,17 +13,24 @@ import pandas as pd
 
 from kvlib import data, models
 from kvlib.analysis import tables
+from kvlib.cache import CachePolicy
+from kvlib.cache.storage import FLOAT
 from kvlib.files import array_hash, atomic_write, slug, write_json
 from kvlib.measure import KINDS
 from kvlib.study import cells as store
 from kvlib.study.provenance import provenance
-from kvlib.study.settings import DEFAULT_METHODS, DEFAULT_RATIOS, Settings, build_press, cells, validate
+from kvlib.study.settings import DEFAULT_METHODS, DEFAULT_RATIOS, Settings, build_press, cells, storage, validate
 
 
 def check_context(settings: Settings) -> None:
     """max_length, and every length asked for with `lengths`, against the model's context, from its config alone
     (no weights). Lengths asked for explicitly are refused beyond it; a kind's default sweep is capped instead."""
-    limit = models.context_length(models.load_config(settings.model))
+    config = models.load_config(settings.model)
+    limit = models.context_length(config)
+    text_config = config.get_text_config()
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    for precision in settings.kv_quant:
+        storage(settings, precision).check_head_dim(head_dim)
     if limit is not None and settings.max_length > limit:
         raise ValueError(f"max_length {settings.max_length} exceeds {settings.model}'s context of {limit} tokens")
     beyond = [length for length in settings.lengths or [] if limit is not None and length > limit]
@@ -41,7 +48,8 @@ class DatasetPlan:
     length: int  # tokens per window: max_length, or one length of a kind that sweeps it
     windows: np.ndarray
     text: dict
-    pending: dict[str, list[tuple[str, float, dict]]] = field(default_factory=dict)  # kind -> (method, ratio, id)
+    # kind -> (method, ratio, kv_quant, identity) of every cell still to measure
+    pending: dict[str, list[tuple[str, float, str, dict]]] = field(default_factory=dict)
 
 
 def context_lengths(settings: Settings, kind: str, limit: int | None) -> list[int]:
@@ -79,9 +87,25 @@ def text_identity(dataset: str, settings: Settings, windows: np.ndarray) -> dict
     return {"dataset": dataset, "source": origin, "windows_sha256": array_hash(windows)}
 
 
-def wanted_identity(settings: Settings, model_id: dict, text: dict, kind: str, method: str, ratio: float) -> dict:
-    options = build_press(settings, method, ratio).options()
-    return store.identity(kind, model_id, text, settings.for_kind(kind), method, ratio, options)
+def policy(settings: Settings, method: str, ratio: float, precision: str) -> CachePolicy:
+    """The cache policy of one cell: its press, stored at its precision."""
+    return CachePolicy(build_press(settings, method, ratio), storage(settings, precision))
+
+
+def wanted_identity(
+    settings: Settings, model_id: dict, text: dict, kind: str, method: str, ratio: float, precision: str = FLOAT
+) -> dict:
+    cell_policy = policy(settings, method, ratio, precision)
+    return store.identity(
+        kind,
+        model_id,
+        text,
+        settings.for_kind(kind),
+        method,
+        ratio,
+        cell_policy.press.options(),
+        cell_policy.identity(),
+    )
 
 
 def min_windows(settings: Settings, kinds: list[str]) -> int:
@@ -96,10 +120,10 @@ def plan_dataset(settings, dataset, tokenizer, model_id, methods, ratios, kinds)
     plan = DatasetPlan(dataset, settings.max_length, windows, text_identity(dataset, settings, windows))
     for kind in kinds:
         plan.pending[kind] = []
-        for method, ratio in cells(methods, ratios):
-            wanted = wanted_identity(settings, model_id, plan.text, kind, method, ratio)
+        for method, ratio, precision in cells(methods, ratios, settings.kv_quant):
+            wanted = wanted_identity(settings, model_id, plan.text, kind, method, ratio, precision)
             if store.read_cell(store.cell_path(settings.output_dir, settings.model, dataset, wanted)) is None:
-                plan.pending[kind].append((method, ratio, wanted))
+                plan.pending[kind].append((method, ratio, precision, wanted))
     return plan
 
 
@@ -109,7 +133,10 @@ def table_cells(settings: Settings, model_id: dict, plan: DatasetPlan, kinds: tu
     for kind in kinds:
         for cell in store.stored_cells(settings.output_dir, settings.model, plan.dataset, kind):
             try:
-                wanted = wanted_identity(settings, model_id, plan.text, kind, cell["method"], cell["compression_ratio"])
+                wanted = wanted_identity(
+                    settings, model_id, plan.text, kind, cell["method"], cell["compression_ratio"],
+                    cell.get("kv_quant", FLOAT),
+                )  # fmt: skip
             except ValueError:
                 continue  # a press this kvlib no longer has, or options it no longer accepts
             if cell["identity"] == wanted:
@@ -205,7 +232,7 @@ def run(
         written: list[Path] = []
         for plan in planned.datasets:
             todo = sum(len(p) for p in plan.pending.values())
-            done = len(plan.pending) * len(cells(methods, ratios)) - todo
+            done = len(plan.pending) * len(cells(methods, ratios, settings.kv_quant)) - todo
             where = f"{plan.dataset}" + (f" at {plan.length} tokens" if plan.length != settings.max_length else "")
             log(f"{settings.model} on {where}: {todo} cell(s) to run, {done} already done")
             if not todo:
@@ -225,9 +252,12 @@ def run(
 def measure_kind(settings, model, planned: RunPlan, plan: DatasetPlan, kind: str, pending, log) -> list[Path]:
     """Measure the pending cells of one kind together (one shared prefill per window, interleaved timing), and
     store each result as it arrives."""
-    labelled = {f"{method} {ratio!r}": (method, ratio, wanted) for method, ratio, wanted in pending}
-    presses = {label: build_press(settings, method, ratio) for label, (method, ratio, _) in labelled.items()}
-    log(f"[{plan.dataset} {kind} {plan.length}] {len(presses)} cell(s): {', '.join(labelled)}")
+    labelled = {
+        f"{method} {ratio!r}" + ("" if precision == FLOAT else f" {precision}"): (method, ratio, precision, wanted)
+        for method, ratio, precision, wanted in pending
+    }
+    policies = {label: policy(settings, *cell[:3]) for label, cell in labelled.items()}
+    log(f"[{plan.dataset} {kind} {plan.length}] {len(policies)} cell(s): {', '.join(labelled)}")
     identity_columns = {
         "model": settings.model,
         "dataset": plan.dataset,
@@ -238,14 +268,15 @@ def measure_kind(settings, model, planned: RunPlan, plan: DatasetPlan, kind: str
     origin = provenance(settings.device, settings.dtype)  # one git call per group, not per result
     started = time.perf_counter()
     written = []
-    for label, result in KINDS[kind].measure(model, planned.tokenizer, plan.windows, presses, settings, log):
-        method, ratio, wanted = labelled[label]
+    for label, result in KINDS[kind].measure(model, planned.tokenizer, plan.windows, policies, settings, log):
+        method, ratio, precision, wanted = labelled[label]
         cell = {
             "identity": wanted,
             "kind": kind,
             "method": method,
             "compression_ratio": ratio,
-            "options": presses[label].options(),
+            "kv_quant": precision,
+            "options": policies[label].press.options(),
             "settings": settings.for_kind(kind),
             "identity_columns": identity_columns,
             **result,

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from kvlib import data
+from kvlib.cache.storage import FLOAT, Storage
 from kvlib.measure import KINDS
 from kvlib.presses import PRESSES, check_press_name, load_press
 from kvlib.presses.base import check_ratio
@@ -45,6 +46,11 @@ class Settings:
     trials: int = 4
     question_aware: bool = False
     answer_tokens: int = 8
+    # Cache precision (an axis like the ratios): how the kept prefix is stored, `none` (float) first. Every press
+    # runs at every precision; the none press at a quantized precision is a row of its own. The options (group
+    # size, axes, residual length) apply to every group-wise backend and identify its results.
+    kv_quant: list[str] = field(default_factory=lambda: [FLOAT])
+    kv_quant_options: dict = field(default_factory=dict)
 
     def datasets(self) -> list[str]:
         return list(data.DATASETS) if self.dataset == "all" else [self.dataset]
@@ -54,10 +60,18 @@ class Settings:
         return {name: getattr(self, name) for name in COMMON_SETTINGS + KINDS[kind].SETTINGS}
 
 
-def cells(methods: list[str], ratios: list[float]) -> list[tuple[str, float]]:
-    """The baseline first, then every method x ratio (each once)."""
-    grid = [("none", 0.0)] + [(m, float(r)) for m in methods if m != "none" for r in ratios]
+def cells(methods: list[str], ratios: list[float], precisions: list[str] = (FLOAT,)) -> list[tuple[str, float, str]]:
+    """The float baseline first, then per precision the uncompressed cache stored at it and every method x ratio
+    (each once): (method, ratio, kv_quant)."""
+    grid = [("none", 0.0, FLOAT)]
+    for precision in precisions:
+        grid += [("none", 0.0, precision)] + [(m, float(r), precision) for m in methods if m != "none" for r in ratios]
     return list(dict.fromkeys(grid))
+
+
+def storage(settings: Settings, precision: str) -> Storage:
+    """The storage of one precision with the run's options (validated as it is built)."""
+    return Storage.parse(precision, settings.kv_quant_options)
 
 
 def _integer(name: str, value, minimum: int) -> None:
@@ -100,7 +114,13 @@ def validate(settings: Settings, methods: list[str], ratios: list[float], kinds:
             raise ValueError(f"lengths must be a non-empty list of token counts; got {settings.lengths!r}")
         for length in settings.lengths:
             _integer("every length", length, 2)
-    presses = [build_press(settings, method, ratio) for method, ratio in cells(methods, ratios)]
+    if not isinstance(settings.kv_quant, (list, tuple)) or not settings.kv_quant:
+        raise ValueError(f"kv_quant must be a non-empty list of precisions; got {settings.kv_quant!r}")
+    if not isinstance(settings.kv_quant_options, dict):
+        raise ValueError(f"kv_quant_options must be an object of options; got {settings.kv_quant_options!r}")
+    for precision in settings.kv_quant:
+        storage(settings, precision).check_backend()
+    presses = [build_press(settings, method, ratio) for method, ratio, _ in cells(methods, ratios)]
     for kind in kinds:
         swept = hasattr(KINDS[kind], "LENGTHS")
         for length in (settings.lengths or KINDS[kind].LENGTHS) if swept else [settings.max_length]:

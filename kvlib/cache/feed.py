@@ -1,4 +1,4 @@
-"""Feeding tokens after a (possibly pruned) prefix, and measuring what a cache holds."""
+"""Feeding tokens after a (possibly pruned, possibly quantized) prefix, and measuring what a cache holds."""
 
 from __future__ import annotations
 
@@ -7,17 +7,13 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache
 from transformers.modeling_utils import AttentionInterface
 
-
-def new_cache(model: nn.Module) -> DynamicCache:
-    """An empty cache laid out for `model` (sliding-window layers where its config has them)."""
-    return DynamicCache(config=model.config)
+from kvlib.cache.layers import eager_function, is_sliding
 
 
-def extend(model: nn.Module, input_ids: torch.Tensor, cache: DynamicCache, start: int) -> torch.Tensor:
+def extend(model: nn.Module, input_ids: torch.Tensor, cache: Cache, start: int) -> torch.Tensor:
     """Run `input_ids` after `start` tokens already seen by `cache`; return the logits.
 
     This is the one way kvlib feeds tokens to a cache. After a press the cache holds fewer than `start`
@@ -32,18 +28,17 @@ def extend(model: nn.Module, input_ids: torch.Tensor, cache: DynamicCache, start
 
 
 @contextmanager
-def _mask_per_layer(model: nn.Module, cache: DynamicCache) -> Iterator[None]:
+def _mask_per_layer(model: nn.Module, cache: Cache) -> Iterator[None]:
     """Fit the attention mask to each layer's own keys while the full-attention layers differ in length.
 
     transformers builds one mask, sized for the first full-attention layer. Its cached columns are all visible
     (kvlib caches hold no padding), so a shorter layer takes the mask's last columns and a longer one repeats
     its first column. Layers of equal length (every press with one budget for all layers) change nothing.
     """
-    lengths = {layer.keys.shape[-2] for layer in cache.layers if type(layer) is DynamicLayer and layer.is_initialized}
+    lengths = {layer.get_seq_length() for layer in cache.layers if not is_sliding(layer) and layer.is_initialized}
     if len(lengths) < 2:
         yield
         return
-    from kvlib.presses.base import _eager_function
 
     implementation = model.config._attn_implementation
     registry = AttentionInterface._global_mapping
@@ -57,7 +52,7 @@ def _mask_per_layer(model: nn.Module, cache: DynamicCache) -> Iterator[None]:
             elif extra > 0:
                 first = attention_mask[..., :1].expand(*attention_mask.shape[:-1], extra)
                 attention_mask = torch.cat((first, attention_mask), dim=-1)
-        inner = original if original is not None else _eager_function(module)
+        inner = original if original is not None else eager_function(module)
         return inner(module, query, key, value, attention_mask, **kwargs)
 
     registry[implementation] = attention
@@ -70,18 +65,38 @@ def _mask_per_layer(model: nn.Module, cache: DynamicCache) -> Iterator[None]:
             registry.pop(implementation, None)
 
 
-def kv_bytes(cache: DynamicCache) -> int:
-    """Bytes held by the keys and values of every layer."""
-    total = 0
-    for layer in cache.layers:
-        for states in (layer.keys, layer.values):
-            if states is not None:
-                total += states.numel() * states.element_size()
-    return total
+def kv_bytes(cache: Cache) -> int:
+    """Bytes the cache really holds: float keys and values, and for a quantized layer its packed integers, scales,
+    zero points and full-precision residual, read from the backend's own tensors."""
+    held = ("keys", "values", "_quantized_keys", "_quantized_values")
+    return sum(_tensor_bytes(getattr(layer, name, None)) for layer in cache.layers for name in held)
 
 
-def cache_length(cache: DynamicCache) -> int:
-    """Positions held by the longest layer (a pruned full-attention layer holds fewer than were fed)."""
-    return max(
-        (layer.keys.shape[-2] for layer in cache.layers if layer.keys is not None and layer.keys.dim() == 4), default=0
-    )
+def _tensor_bytes(obj) -> int:
+    """Bytes of every tensor inside `obj` (dicts, tuples, lists, attributes of a layer). A tensor subclass that
+    wraps others (optimum-quanto's packed integer tensors) is counted by its inner tensors: asked its own size, it
+    reports the unpacked one."""
+    if isinstance(obj, torch.Tensor):
+        if type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):
+            names, _ = obj.__tensor_flatten__()
+            return sum(_tensor_bytes(getattr(obj, name)) for name in names)
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, (tuple, list)):
+        return sum(_tensor_bytes(value) for value in obj)
+    return 0
+
+
+def cache_length(cache: Cache) -> int:
+    """Positions held by the longest layer (a pruned full-attention layer holds fewer than were fed; a quantized
+    one counts its quantized and residual positions; a sliding-window layer at most its window)."""
+    return max((_held(layer) for layer in cache.layers), default=0)
+
+
+def _held(layer) -> int:
+    if not layer.is_initialized:
+        return 0
+    if is_sliding(layer) or not hasattr(layer, "cumulative_length"):
+        return layer.keys.shape[-2] if layer.keys.dim() == 4 else 0
+    return layer.get_seq_length()

@@ -1,0 +1,222 @@
+"""The answer-first summary, the memory-quality chart, the family palette, the explorable table and the progress
+display's estimate: from small tables written here (no model, no torch in the analysis)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kvlib.analysis import charts, report, summary
+from kvlib.progress import StudyProgress, stored_seconds_per_cell
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def metrics(rows: list[tuple], model: str = "m", dataset: str = "wikitext", **columns) -> pd.DataFrame:
+    """(method, ratio, Δ, low, high, kv_bytes_ratio[, kv_quant]) rows plus the baseline."""
+    table = [{"method": "none", "compression_ratio": 0.0, "ppl": 20.0, "ppl_delta": 0.0, "ppl_delta_ci_low": 0.0,
+              "ppl_delta_ci_high": 0.0, "kv_bytes_ratio": 1.0, "kv_quant": "none"}]  # fmt: skip
+    for method, ratio, delta, low, high, memory, *quant in rows:
+        table.append({"method": method, "compression_ratio": ratio, "ppl": 20.0 + delta, "ppl_delta": delta,
+                      "ppl_delta_ci_low": low, "ppl_delta_ci_high": high, "kv_bytes_ratio": memory,
+                      "kv_quant": quant[0] if quant else "none"})  # fmt: skip
+    return pd.DataFrame(table).assign(model=model, dataset=dataset, **columns)
+
+
+def test_the_best_configuration_fits_the_budget_and_names_what_it_cannot_be_told_from():
+    table = metrics([
+        ("snapkv", 0.5, 0.30, 0.20, 0.40, 0.50),
+        ("knorm", 0.5, 0.35, 0.25, 0.45, 0.50),   # overlaps snapkv: not separable
+        ("tova", 0.5, 0.90, 0.80, 1.00, 0.50),    # clearly worse
+        ("snapkv", 0.3, 0.10, 0.05, 0.15, 0.70),  # better, but over the 50% budget
+        ("none", 0.0, 0.05, 0.00, 0.10, 0.50, "quanto-int8"),
+    ])  # fmt: skip
+    (answer,) = summary.answers(table, budgets=(0.75, 0.5, 0.25))
+    at_75, at_50, at_25 = answer.choices
+    assert at_75.row["configuration"] == "quanto-int8 cache, no eviction"
+    assert at_50.row["configuration"] == "quanto-int8 cache, no eviction"
+    assert "snapkv at ratio 0.5" not in at_50.tied  # [0.20, 0.40] does not overlap [0.00, 0.10]
+    assert at_25.row is None
+    # Without the quantised row, snapkv is best at 50% and knorm cannot be told from it; tova can.
+    (answer,) = summary.answers(table[table.kv_quant == "none"], budgets=(0.5,))
+    (choice,) = answer.choices
+    assert choice.row["configuration"] == "snapkv at ratio 0.5"
+    assert choice.tied == ["knorm at ratio 0.5"]
+
+
+def test_tables_without_a_precision_column_are_float_caches_and_memory_is_estimated_where_missing():
+    table = metrics([("snapkv", 0.5, 0.3, 0.2, 0.4, math.nan)]).drop(columns="kv_quant")
+    table["cache_length"] = [512.0, 256.0]
+    rows = summary.configurations(table)
+    assert list(rows["kv_quant"]) == ["none", "none"]
+    assert rows["kv_bytes_ratio"].tolist() == [1.0, 0.5]
+    assert rows["memory_estimated"].tolist() == [False, True]
+    (answer,) = summary.answers(table, budgets=(0.5,))
+    assert answer.estimated_memory
+    assert "50%*" in summary.to_markdown([answer])
+
+
+def test_pareto_frontier_keeps_only_undominated_rows():
+    rows = pd.DataFrame({"kv_bytes_ratio": [0.3, 0.5, 0.5, 0.7, 0.9], "ppl_delta": [4.0, 2.0, 3.0, 2.5, 0.1]})
+    frontier = summary.pareto_frontier(rows)
+    assert frontier[["kv_bytes_ratio", "ppl_delta"]].values.tolist() == [[0.3, 4.0], [0.5, 2.0], [0.9, 0.1]]
+
+
+def scaling_rows(speedups: dict[int, float], fit_rms: float = 0.001, tpot: float = 0.1) -> pd.DataFrame:
+    rows = [{"model": "m", "dataset": "pg19", "method": "none", "compression_ratio": 0.0, "context_length": n,
+             "tpot": tpot, "tpot_speedup": 1.0, "n_timing_runs": 1, "fit_rms": fit_rms} for n in speedups]  # fmt: skip
+    rows += [{"model": "m", "dataset": "pg19", "method": "snapkv", "compression_ratio": 0.5, "context_length": n,
+              "tpot": tpot / s, "tpot_speedup": s, "n_timing_runs": 1, "fit_rms": fit_rms}
+             for n, s in speedups.items()]  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_speed_pays_from_the_length_where_the_gain_exceeds_the_noise_at_every_longer_length():
+    table = scaling_rows({1024: 1.005, 2048: 1.30, 4096: 1.005, 8192: 1.5, 16384: 1.8})  # noise: 1% of TPOT
+    sentence = summary.where_speed_pays(table, "m", "pg19")
+    assert "from 8192 tokens" in sentence and "snapkv at ratio 0.5" in sentence and "1.80×" in sentence
+    noisy = scaling_rows({1024: 1.02, 2048: 1.05}, fit_rms=0.01)  # noise 10%: no gain counts
+    assert "no press decoded faster" in summary.where_speed_pays(noisy, "m", "pg19")
+    assert "not measured" in summary.where_speed_pays(pd.DataFrame(), "m", "pg19")
+    assert "other text" in summary.where_speed_pays(table, "m", "wikitext")
+
+
+def test_retrieval_and_decode_time_are_reported_where_measured():
+    table = metrics([("snapkv", 0.5, 0.3, 0.2, 0.4, 0.5)], tpot_speedup=[1.0, 1.25], timing_flag=["", "spread 14%"])
+    retrieval = pd.DataFrame([{"model": "m", "dataset": "wikitext", "method": "snapkv", "compression_ratio": 0.5,
+                               "length": "all", "accuracy": 0.75, "ci_low": 0.5, "ci_high": 0.9}])  # fmt: skip
+    (answer,) = summary.answers(table, retrieval, budgets=(0.5,))
+    cells = summary._cells(answer.choices[0])
+    assert cells[3] == "75% [50, 90]"
+    assert cells[4] == "1.25× (⚠ spread 14%)"
+    assert "context-length sweep" in answer.unmeasured and "quantised caches" in answer.unmeasured
+
+
+def test_markdown_html_and_one_line_name_every_model_and_dataset():
+    table = pd.concat([metrics([("snapkv", 0.5, 0.3, 0.2, 0.4, 0.5)], model=m, dataset=d)
+                       for m in ("a", "b") for d in ("pg19", "wikitext")])  # fmt: skip
+    answers = summary.answers(table)
+    assert [(a.model, a.dataset) for a in answers] == [("a", "pg19"), ("a", "wikitext"), ("b", "pg19"),
+                                                       ("b", "wikitext")]  # fmt: skip
+    html = summary.to_html(answers)
+    assert html.count('class="kvlib-answer"') == 4 and 'data-kvlib-axis="model"' in html
+    assert 'data-kvlib-axis="dataset"' in html
+    line = summary.one_line(answers)
+    assert line.count("snapkv at ratio 0.5") == 4 and "\n" not in line
+    markdown = summary.to_markdown(answers)
+    assert markdown.count("| ≤ 50% | snapkv at ratio 0.5 |") == 4
+
+
+def test_readme_summary_is_replaced_between_its_markers_only(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"top\n{summary.README_START}\nold\n{summary.README_END}\nbottom\n")
+    assert summary.fill_readme(readme, "new answer")
+    assert readme.read_text() == f"top\n{summary.README_START}\nnew answer\n{summary.README_END}\nbottom\n"
+    plain = tmp_path / "plain.md"
+    plain.write_text("no markers\n")
+    assert not summary.fill_readme(plain, "x") and plain.read_text() == "no markers\n"
+
+
+def test_the_repository_readme_has_the_summary_markers():
+    text = (REPO / "README.md").read_text()
+    assert text.index(summary.README_START) < text.index(summary.README_END)
+    assert text.index("## Two commands") < text.index(summary.README_START)
+
+
+def test_summary_imports_without_torch():
+    code = "import kvlib.analysis.summary, sys; assert 'torch' not in sys.modules"
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+    assert completed.returncode == 0, completed.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------- charts and table
+
+
+def test_family_palette_gives_every_method_its_own_colour_and_shape_pair():
+    from kvlib.study.settings import DEFAULT_METHODS
+
+    methods = [*DEFAULT_METHODS, "fp8", "snapkv+fp8"]
+    styles = charts.method_styles(methods)
+    assert set(styles) == set(methods)
+    pairs = [(colour, shape) for colour, shape, _ in styles.values()]
+    assert len(set(pairs)) == len(pairs)
+    assert charts.family("streaming_llm") == "position-based eviction"
+    assert charts.family("fp8") == "precision" and charts.family("snapkv+fp8") == "combinations"
+    assert styles["streaming_llm"][0] not in {styles[m][0] for m in methods if charts.family(m) != charts.family(
+        "streaming_llm")}  # fmt: skip
+
+
+def test_memory_quality_chart_marks_the_frontier_and_selects_methods_by_legend():
+    rows = [("snapkv", 0.5, 0.3, 0.2, 0.4, 0.5), ("knorm", 0.5, 0.5, 0.4, 0.6, 0.5), ("knorm", 0.7, 0.9, 0.7, 1.1, 0.3)]
+    table = pd.concat([metrics(rows, dataset=d) for d in ("pg19", "wikitext")])
+    frame = charts.memory_quality_frame(table)
+    assert set(frame.loc[frame.frontier, "configuration"]) == {"snapkv at ratio 0.5", "knorm at ratio 0.7"}
+    spec = charts.memory_quality_chart(table).to_dict()
+    text = json.dumps(spec)
+    assert '"bind": "legend"' in text and '"symlog"' in text
+
+
+def test_explorable_table_keeps_numbers_numeric_and_shows_flags_and_intervals():
+    table = metrics([("snapkv", 0.5, 0.3, 0.2, 0.4, 0.5)], timing_flag=["", "busy machine (0.41 other cores)"])
+    frame = report.explorable_frame(table)
+    assert frame["method"].tolist() == ["none", "snapkv"]
+    assert frame["Δ 95% CI low"].tolist() == [0.0, 0.2] and frame["KV cache %"].tolist() == [100.0, 50.0]
+    assert frame["timing flag"].iloc[1].startswith("busy machine")
+    html = report.explorable_table(table).data
+    assert report.external_references(html) == [] and "itables" in html
+
+
+# ------------------------------------------------------------------------------------------------ progress
+
+
+def write_cells(folder: Path, walls: list[float]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, wall in enumerate(walls):
+        path = folder / f"c{i}.json"
+        path.write_text(json.dumps({"group_wall_time": wall}))
+        os.utime(path, (1_000_000 + i, 1_000_000 + i))  # the order they were written in
+
+
+def test_stored_cells_give_seconds_per_cell_across_groups(tmp_path):
+    write_cells(tmp_path / "cells" / "m_wikitext" / "ppl", [10.0, 20.0, 30.0, 12.0, 22.0])  # two groups
+    assert stored_seconds_per_cell(tmp_path / "cells" / "m_wikitext" / "ppl") == 10.0
+
+
+def test_progress_estimates_the_time_left_from_an_earlier_run_then_counts_new_cells(tmp_path):
+    cells = tmp_path / "cells"
+    write_cells(cells / "m_wikitext" / "ppl", [10.0, 20.0, 30.0])
+    progress = StudyProgress({"ppl": 4, "latency": 0}, cells)
+    assert progress.total == 4
+    assert progress.eta() == pytest.approx(40.0)  # 4 cells x 10 s from the stored run
+    write_cells(cells / "m_pg19" / "ppl", [5.0])  # one new cell appears
+    progress.refresh()
+    assert progress._done == {"ppl": 1}
+    fresh = StudyProgress({"latency": 2}, tmp_path / "none")
+    assert fresh.eta() is None  # nothing measured, nothing stored: no estimate
+
+
+def test_the_progress_display_prints_stage_cells_and_eta(tmp_path):
+    from rich.console import Console
+
+    console = Console(file=(tmp_path / "out.txt").open("w"), width=160, force_terminal=False)
+    write_cells(tmp_path / "cells" / "m_wikitext" / "ppl", [10.0, 20.0])
+    with StudyProgress({"ppl": 3}, tmp_path / "cells", console=console) as progress:
+        progress.stage("measuring", "wikitext: 02_ppl.ipynb", "ppl")
+        progress.log("a log line")
+    console.file.close()
+    text = (tmp_path / "out.txt").read_text()
+    assert "a log line" in text and "0/3" in text and "ETA" in text, text
+
+
+def test_notebooks_get_only_the_parameters_they_declare():
+    from kvlib.pipeline import NOTEBOOKS, declared_parameters
+
+    chosen = declared_parameters(NOTEBOOKS / "04_analysis.ipynb", {"results_dir": "r", "n_ppl": 3, "explore": False})
+    assert chosen == {"results_dir": "r", "explore": False}
