@@ -26,9 +26,8 @@ from common import data_dir, interleaved, machine_line, median_iqr
 
 import kvlib
 from kvlib import data, models
-from kvlib.cache import extend, new_cache
+from kvlib.cache import extend, fork_cache, new_cache
 from kvlib.presses import SharedPrefill
-from kvlib.cache import fork_cache
 from kvlib.presses.base import n_kept
 
 

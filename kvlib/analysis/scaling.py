@@ -219,9 +219,6 @@ def scaling_records(cells: list[dict]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-tables.KIND_TABLES[KIND] = (scaling_table, scaling_records)
-
-
 def read_tables(results_dir: str | os.PathLike) -> pd.DataFrame:
     """Every `*_kv_scaling.csv` under `results_dir`, stacked; an empty table when there is none."""
     paths = sorted(Path(results_dir).resolve().glob(f"*_kv_{KIND}.csv"))
@@ -433,7 +430,7 @@ def speedup_chart(table: pd.DataFrame, panel: tuple[int, int] = SMALL_PANEL) -> 
     lines = (
         alt.Chart()
         .mark_line(point=alt.OverlayMarkDef(size=50, filled=True))
-        .encode(x=x, y=y, color=charts._color(table), tooltip=tooltip)
+        .encode(x=x, y=y, **charts.method_marks(table), tooltip=tooltip)
     )
     bound = (
         alt.Chart()
@@ -478,7 +475,7 @@ def memory_chart(table: pd.DataFrame, panel: tuple[int, int] = SMALL_PANEL) -> a
         alt.Chart()
         .transform_filter(alt.datum.method != BASELINE[0])
         .mark_line(point=alt.OverlayMarkDef(size=40, filled=True))
-        .encode(x=x, y=y, color=charts._color(table), tooltip=tooltip)
+        .encode(x=x, y=y, **charts.method_marks(table), tooltip=tooltip)
     )
     base = (
         alt.Chart()
@@ -518,7 +515,7 @@ def prefill_chart(table: pd.DataFrame, panel: tuple[int, int] = SMALL_PANEL) -> 
         alt.Chart()
         .mark_line(point=alt.OverlayMarkDef(size=50, filled=True))
         .encode(x=x, y=alt.Y("overhead_percent:Q", title="prefill time vs baseline (% extra)"),
-                color=charts._color(table), tooltip=tooltip)
+                **charts.method_marks(table), tooltip=tooltip)
     )  # fmt: skip
     zero = alt.Chart().mark_rule(color="#888").encode(y=alt.datum(0))
     chart = alt.layer(charts._dim(lines, selection).add_params(selection), zero, data=data)

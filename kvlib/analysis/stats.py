@@ -6,17 +6,9 @@ import math
 
 import numpy as np
 
+from kvlib.stats import median_iqr, perplexity  # noqa: F401  (defined once, beside what measure needs)
+
 BOOTSTRAP_SAMPLES = 2000
-
-
-def perplexity(records: list[dict]) -> float:
-    """exp(sum of suffix NLL / sum of suffix tokens) over per-window records."""
-    return float(np.exp(sum(r["nll_sum"] for r in records) / sum(r["n_tokens"] for r in records)))
-
-
-def median_iqr(values: list[float]) -> tuple[float, float]:
-    q1, median, q3 = np.percentile(values, [25, 50, 75])
-    return float(median), float(q3 - q1)
 
 
 def ppl_delta_ci(method: list[dict], baseline: list[dict], seed: int = 0) -> tuple[float, float]:

@@ -185,7 +185,8 @@ def _relative_noise(part: pd.DataFrame) -> float:
         timed = part[part["n_timing_runs"] >= 3]
         if not timed.empty:
             noise.append(float((timed["tpot_iqr"] / timed["tpot"]).max()))
-    if "fit_rms" in part and part["fit_rms"].notna().any():
+    fitted = part["fit_points"].max() if "fit_points" in part else math.inf
+    if "fit_rms" in part and part["fit_rms"].notna().any() and fitted > 2:  # a line through 2 points has no scatter
         base_tpot = part.loc[part["method"] == "none", "tpot"].median()
         if base_tpot:
             noise.append(float(part["fit_rms"].dropna().iloc[0] / base_tpot))
@@ -305,20 +306,9 @@ def answers(metrics: pd.DataFrame, retrieval: pd.DataFrame | None = None, scalin
 
 
 def read_metrics(results_dir: str | os.PathLike) -> pd.DataFrame:
-    """Every per-dataset metrics table under `results_dir`, stacked; tables written before the precision axis
-    (no `kv_quant` column) are read as float caches."""
-    folder = Path(results_dir).resolve()
-    paths = sorted(p for p in folder.glob("*_kv_metrics.csv") if not p.name.endswith("_all_kv_metrics.csv"))
-    if not paths:
-        raise FileNotFoundError(f"no *_kv_metrics.csv files in {folder}")
-    frames = []
-    for path in paths:
-        frame = pd.read_csv(path)
-        missing = [c for c in tables.REQUIRED_COLUMNS if c not in frame]
-        if missing:
-            raise ValueError(f"{path} is not a kvlib metrics table: it lacks the columns {', '.join(missing)}")
-        frames.append(frame if "kv_quant" in frame else frame.assign(kv_quant=FLOAT))
-    return pd.concat(frames, ignore_index=True)
+    """Every per-dataset metrics table under `results_dir`, stacked (tables written before the precision axis
+    read as float caches)."""
+    return tables.read_tables(results_dir)
 
 
 def read(results_dir: str | os.PathLike) -> list[Answer]:

@@ -18,6 +18,7 @@ import pandas as pd
 from kvlib.analysis import validate
 from kvlib.analysis.stats import median_iqr, perplexity, ppl_delta_ci, ratio
 from kvlib.files import atomic_write, slug
+from kvlib.stats import TIMING_FIELDS
 
 BASELINE = ("none", 0.0, "none")  # (method, ratio, kv_quant): the uncompressed float cache
 # Cache precisions from most to fewest bits (kvlib.cache.storage names them; kept here so analysis needs no torch).
@@ -45,7 +46,6 @@ def cell_key(cell: dict) -> tuple[str, float, str]:
     return cell["method"], float(cell["compression_ratio"]), cell.get("kv_quant", "none")
 
 
-TIMING_FIELDS = ("prefill_time", "ttft", "tpot", "throughput", "decode_time", "total_generation_time")
 METRIC_COLUMNS = [
     "method",
     "compression_ratio",
@@ -105,6 +105,9 @@ def metrics_table(cells: list[dict]) -> pd.DataFrame:
         method, compression_ratio, precision = key
         row: dict[str, Any] = {"method": method, "compression_ratio": compression_ratio, "kv_quant": precision}
         ppl_cell, latency_cell = ppl_cells.get(key), latency_cells.get(key)
+        reading = ppl_cell or latency_cell
+        row["prefill_chunk"] = reading.get("prefill_chunk")  # None: one forward pass (and results before chunks)
+        row["positions"] = reading.get("positions", "original")
         for cell in (ppl_cell, latency_cell):
             if cell:
                 row.update({"options": json.dumps(cell["options"], sort_keys=True), **cell["settings"]})
@@ -171,10 +174,19 @@ def window_records(cells: list[dict]) -> pd.DataFrame:
 
 
 # The kinds whose results share the metrics table (one row per method x ratio at `max_length`). Every other kind
-# sweeps context lengths and has a table of its own, built by the function registered in KIND_TABLES.
+# sweeps context lengths and has a table of its own, built by the functions `kind_builders` lists.
 METRIC_KINDS = ("ppl", "latency")
-# kind -> (table builder, per-record builder), each taking that kind's stored cells.
-KIND_TABLES: dict[str, tuple] = {}
+
+
+def kind_builders() -> dict[str, tuple]:
+    """kind -> (table builder, per-record builder), each taking that kind's stored cells: the one list of the
+    kinds with a table of their own. Their modules import this one, so they are imported here when first asked."""
+    from kvlib.analysis import retrieval, scaling
+
+    return {
+        scaling.KIND: (scaling.scaling_table, scaling.scaling_records),
+        retrieval.KIND: (retrieval.retrieval_table, retrieval.retrieval_records),
+    }
 
 
 def table_paths(output_dir: str | os.PathLike, model: str, dataset: str, kind: str | None = None) -> dict[str, Path]:
@@ -195,11 +207,11 @@ def table_paths(output_dir: str | os.PathLike, model: str, dataset: str, kind: s
 
 
 def kind_table(kind: str, cells: list[dict]) -> pd.DataFrame:
-    return KIND_TABLES[kind][0](cells)
+    return kind_builders()[kind][0](cells)
 
 
 def kind_records(kind: str, cells: list[dict]) -> pd.DataFrame:
-    return KIND_TABLES[kind][1](cells)
+    return kind_builders()[kind][1](cells)
 
 
 def write_table(table: pd.DataFrame, csv_path: Path, json_path: Path) -> list[Path]:

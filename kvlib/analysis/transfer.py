@@ -25,6 +25,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
+from kvlib.analysis import validate
 from kvlib.analysis.charts import method_color, method_shape
 from kvlib.analysis.stats import BOOTSTRAP_SAMPLES
 
@@ -72,7 +73,7 @@ def find_tables(results_dir: str | os.PathLike) -> pd.DataFrame:
 def ppl_records(windows_csv: str | os.PathLike) -> pd.DataFrame:
     """The perplexity rows of a `*_kv_windows.csv`: method, compression_ratio, kv_quant, window, nll_sum,
     n_tokens (kv_quant `none` where the file predates precisions)."""
-    records = pd.read_csv(windows_csv)
+    records = validate.read_table(windows_csv, validate.WINDOW_RECORDS, "per-window records table")
     if "kind" in records:
         records = records[records["kind"] == "ppl"]
     records = records.copy()
@@ -287,12 +288,13 @@ def transfer_chart(
         diagonal = alt.Chart(pd.DataFrame({"ppl_delta_a": [low, high], "ppl_delta_b": [low, high]})).mark_line(
             color="gray", strokeDash=[4, 4]
         ).encode(x=x, y=y)  # fmt: skip
-        bars_x = base.mark_rule(opacity=0.6).encode(x=alt.X("ci_low_a:Q", scale=scale, title=f"Δppl on {model_a}"),
-                                                    x2="ci_high_a:Q", y=y, color=method_color(methods))  # fmt: skip
-        bars_y = base.mark_rule(opacity=0.6).encode(x=x, y=alt.Y("ci_low_b:Q", scale=scale, title=f"Δppl on {model_b}"),
-                                                    y2="ci_high_b:Q", color=method_color(methods))  # fmt: skip
+        color = method_color(methods, "method")  # one title for every layer: one legend
+        x_low = alt.X("ci_low_a:Q", scale=scale, title=f"Δppl on {model_a}")
+        y_low = alt.Y("ci_low_b:Q", scale=scale, title=f"Δppl on {model_b}")
+        bars_x = base.mark_rule(opacity=0.6).encode(x=x_low, x2="ci_high_a:Q", y=y, color=color)
+        bars_y = base.mark_rule(opacity=0.6).encode(x=x, y=y_low, y2="ci_high_b:Q", color=color)
         points = base.mark_point(filled=True, size=60).encode(
-            x=x, y=y, color=method_color(methods, "method"), shape=method_shape(methods, "method"), tooltip=tooltip
+            x=x, y=y, color=color, shape=method_shape(methods, "method"), tooltip=tooltip
         )
         panels.append(alt.layer(diagonal, bars_x, bars_y, points))
     title = f"Does the ranking transfer? {model_a} vs {model_b}, {dataset}" + (

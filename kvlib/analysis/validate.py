@@ -45,6 +45,10 @@ def _fail(path: Path, column: str, row: int, value, why: str) -> TableError:
     return TableError(f"{path}: column {column!r}, row {row} (line {row + 1}): {value!r} {why}")
 
 
+def _empty(path: Path, column: str, row: int, allowed: str) -> TableError:
+    return TableError(f"{path}: column {column!r}, row {row} (line {row + 1}) is empty or NaN; it must be {allowed}")
+
+
 def _check_numbers(frame: pd.DataFrame, column: Column, path: Path) -> pd.Series:
     raw = frame[column.name]
     numbers = pd.to_numeric(raw, errors="coerce")
@@ -52,8 +56,7 @@ def _check_numbers(frame: pd.DataFrame, column: Column, path: Path) -> pd.Series
         empty = value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
         if empty or (isinstance(value, str) and value.strip().lower() == "nan"):
             if not column.empty_ok:
-                shown = "" if empty else value
-                raise _fail(path, column.name, row, shown, f"is missing; it must be {column.allowed()}")
+                raise _empty(path, column.name, row, column.allowed())
             continue
         if pd.isna(number) or isinstance(value, bool):
             raise _fail(path, column.name, row, value, f"is not a number; it must be {column.allowed()}")
@@ -61,7 +64,9 @@ def _check_numbers(frame: pd.DataFrame, column: Column, path: Path) -> pd.Series
             number >= column.maximum if column.below_maximum else number > column.maximum
         )
         out_of_range = above or (column.minimum is not None and number < column.minimum)
-        if out_of_range or (column.kind == INTEGER and not float(number).is_integer()):
+        if column.kind == INTEGER and not float(number).is_integer():
+            raise _fail(path, column.name, row, value, f"is not an integer; it must be {column.allowed()}")
+        if out_of_range:
             raise _fail(path, column.name, row, value, f"is out of range; it must be {column.allowed()}")
     # A column pandas parsed as numbers is kept as parsed (integers stay integers); only text becomes numbers.
     return numbers.astype(float) if raw.dtype == object else raw
@@ -92,7 +97,7 @@ def validate_table(
     missing = [column.name for column in columns if column.required and column.name not in names]
     if missing:
         raise TableError(
-            f"{path}: column {missing[0]!r} is missing (renamed or removed?); a kvlib {what} has the columns "
+            f"{path} is not a kvlib {what}: column {missing[0]!r} is missing (renamed or removed?); it needs "
             f"{', '.join(column.name for column in columns if column.required)}"
         )
     checked = frame.copy()
@@ -106,7 +111,7 @@ def validate_table(
         elif not column.empty_ok:
             for position, value in enumerate(frame[column.name], start=1):
                 if pd.isna(value) or str(value).strip() == "":
-                    raise _fail(path, column.name, position, "", "is missing; it must be a name")
+                    raise _empty(path, column.name, position, "a name")
     return checked
 
 
@@ -200,6 +205,18 @@ RETRIEVAL_RECORDS = (
     Column("length", INTEGER, empty_ok=False, minimum=1),
     Column("depth", empty_ok=False, minimum=0, maximum=1),
     Column("correct", BOOLEAN),
+)
+
+# Per-window perplexity records and per-run timings (`*_kv_windows.csv`): a perplexity row leaves the timing
+# columns empty and a timing row the perplexity ones, so only types and ranges are checked, not presence.
+WINDOW_RECORDS = (
+    Column("kind", TEXT, required=False),
+    Column("method", TEXT, empty_ok=False),
+    Column("compression_ratio", empty_ok=False, minimum=0, maximum=1, below_maximum=True),
+    Column("window", INTEGER, required=False, minimum=0),
+    Column("nll_sum", required=False, minimum=0),
+    Column("n_tokens", INTEGER, required=False, minimum=1),
+    *(Column(name, required=False, minimum=0) for name in (*_TIMES, "throughput")),
 )
 
 

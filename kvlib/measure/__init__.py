@@ -10,7 +10,7 @@ Optional:
 - `min_windows(settings)`: how many token windows of `max_length` it needs (default 1);
 - `LENGTHS`: a kind that sweeps the context length declares its default lengths; the study then measures it at
   each length of `settings.lengths` (else these), capped at the model's context, with `max_length` set to that
-  length, so each of its results is identified by its own length. Its table is `analysis.tables.KIND_TABLES[kind]`.
+  length, so each of its results is identified by its own length. Its table: `analysis.tables.kind_table`.
 """
 
 from kvlib.measure import latency, ppl, retrieval, scaling

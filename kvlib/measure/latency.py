@@ -19,9 +19,9 @@ from kvlib.cache import CachePolicy, as_policy, cache_length, extend, kv_bytes
 from kvlib.measure.machine import LoadMeter
 from kvlib.measure.memory import PeakMemory
 from kvlib.presses import Press, load_press
+from kvlib.stats import TIMING_FIELDS  # noqa: F401  (what a timed run records; defined once)
 
 SETTINGS = ("gen_tokens", "warmup_times", "n_timing")
-TIMING_FIELDS = ("prefill_time", "ttft", "tpot", "throughput", "decode_time", "total_generation_time")
 BASELINE = "none"
 
 
@@ -53,10 +53,10 @@ def time_generation(model: torch.nn.Module, prompt: torch.Tensor, policy: Press 
         synchronize()
         first_token = time.perf_counter()
         held_bytes, held_length = kv_bytes(cache), cache_length(cache)  # read outside the timed spans
+        position = policy.next_position(cache, prompt.shape[1])
 
         synchronize()
         decode_start = time.perf_counter()
-        position = prompt.shape[1]
         for step in range(gen_tokens - 1):
             token = extend(model, token, cache, position + step)[:, -1].argmax(dim=-1, keepdim=True)
         synchronize()

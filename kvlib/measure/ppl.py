@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from kvlib.analysis.stats import perplexity
 from kvlib.cache import CachePolicy, as_policy, cache_length, extend, kv_bytes
 from kvlib.presses import Press, SharedPrefill
+from kvlib.stats import perplexity
 
 SETTINGS = ("prefix_ratio", "n_ppl")
 
@@ -45,10 +45,14 @@ def check(settings, presses: list[Press]) -> None:
 
 
 @torch.no_grad()
-def _suffix_record(model, ids: torch.Tensor, prefix_len: int, last_prefix_logits: torch.Tensor, cache) -> dict:
-    """Score the suffix from a (pruned) prefix cache; read the cache's size before the suffix grows it."""
+def _suffix_record(
+    model, ids: torch.Tensor, prefix_len: int, last_prefix_logits: torch.Tensor, cache, policy: CachePolicy
+) -> dict:
+    """Score the suffix from a (pruned) prefix cache; read the cache's size before the suffix grows it. The suffix
+    continues at the uncompressed prefix length, or right after the cache when the policy re-rotated it."""
     kept, held_bytes = cache_length(cache), kv_bytes(cache)
-    suffix_logits = extend(model, ids[:, prefix_len:-1], cache, prefix_len)  # the last token predicts nothing
+    start = policy.next_position(cache, prefix_len)
+    suffix_logits = extend(model, ids[:, prefix_len:-1], cache, start)  # the last token predicts nothing
     logits = torch.cat([last_prefix_logits[:, -1:], suffix_logits], dim=1).float()
     targets = ids[:, prefix_len:]
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
@@ -59,21 +63,29 @@ def _suffix_record(model, ids: torch.Tensor, prefix_len: int, last_prefix_logits
 def window_nll(model: torch.nn.Module, ids: torch.Tensor, policy: Press | CachePolicy, prefix_len: int) -> dict:
     """NLL of the suffix of one window ([1, length] token ids) after prefilling the prefix under `policy` (a cache
     policy, or a press stored in float)."""
-    last_prefix_logits, cache = as_policy(policy).prefill(model, ids[:, :prefix_len])
-    return _suffix_record(model, ids, prefix_len, last_prefix_logits, cache)
+    policy = as_policy(policy)
+    last_prefix_logits, cache = policy.prefill(model, ids[:, :prefix_len])
+    return _suffix_record(model, ids, prefix_len, last_prefix_logits, cache, policy)
 
 
 @torch.no_grad()
 def shared_window_nll(
     model: torch.nn.Module, ids: torch.Tensor, policies: dict[str, Press | CachePolicy], prefix_len: int
 ) -> dict:
-    """`window_nll` of every policy (label -> policy or press) from one shared prefill of the prefix."""
+    """`window_nll` of every policy (label -> policy or press) from one shared prefill of the prefix; a policy that
+    reads the prefix its own way (chunked, re-rotated) prefills on its own."""
     policies = {label: as_policy(policy) for label, policy in policies.items()}
-    shared = SharedPrefill.run(model, ids[:, :prefix_len], [policy.press for policy in policies.values()])
+    shareable = {label: policy for label, policy in policies.items() if policy.shareable}
     records = {}
+    if shareable:
+        shared = SharedPrefill.run(model, ids[:, :prefix_len], [policy.press for policy in shareable.values()])
+        for label, policy in shareable.items():
+            cache = policy.from_shared(shared)
+            records[label] = _suffix_record(model, ids, prefix_len, shared.logits, cache, policy)
     for label, policy in policies.items():
-        records[label] = _suffix_record(model, ids, prefix_len, shared.logits, policy.from_shared(shared))
-    return records
+        if label not in records:
+            records[label] = window_nll(model, ids, policy, prefix_len)
+    return {label: records[label] for label in policies}
 
 
 def measure(

@@ -44,7 +44,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-import kvlib.analysis.retrieval  # noqa: F401  (registers the retrieval table in analysis.tables.KIND_TABLES)
 from kvlib.cache import CachePolicy, as_policy, cache_length, extend, kv_bytes
 from kvlib.presses import Press, SharedPrefill
 
@@ -170,11 +169,11 @@ def is_correct(value: str, answer: str) -> bool:
 
 
 @torch.no_grad()
-def _answer(model, last_logits: torch.Tensor, cache, context_length: int, question: torch.Tensor, n: int) -> dict:
+def _answer(model, last_logits: torch.Tensor, cache, start: int, question: torch.Tensor, n: int) -> dict:
     """Feed the question (if any) after a (pruned) context cache at its true positions, then decode `n` tokens
     greedily (no early stop). Returns the tokens and the logits each was chosen from."""
     held, kept = kv_bytes(cache), cache_length(cache)
-    position = context_length
+    position = start  # the uncompressed context length, or the cache's length after re-rotation
     if question.shape[1]:
         last_logits = extend(model, question, cache, position)[:, -1:]
         position += question.shape[1]
@@ -196,8 +195,10 @@ def _ids(array: np.ndarray, device) -> torch.Tensor:
 def trial_answer(model: torch.nn.Module, trial: Trial, policy: Press | CachePolicy, answer_tokens: int) -> dict:
     """The answer to one trial with the context prefilled under `policy` (the reference for the shared path)."""
     device = next(model.parameters()).device
-    logits, cache = as_policy(policy).prefill(model, _ids(trial.context, device))
-    return _answer(model, logits, cache, len(trial.context), _ids(trial.question, device), answer_tokens)
+    policy = as_policy(policy)
+    logits, cache = policy.prefill(model, _ids(trial.context, device))
+    start = policy.next_position(cache, len(trial.context))
+    return _answer(model, logits, cache, start, _ids(trial.question, device), answer_tokens)
 
 
 @torch.no_grad()
@@ -207,10 +208,13 @@ def shared_trial_answers(
     """`trial_answer` of every policy (label -> policy or press) from one shared prefill of the context."""
     device = next(model.parameters()).device
     policies = {label: as_policy(policy) for label, policy in policies.items()}
-    shared = SharedPrefill.run(model, _ids(trial.context, device), [policy.press for policy in policies.values()])
+    shareable = [policy.press for policy in policies.values() if policy.shareable]
+    shared = SharedPrefill.run(model, _ids(trial.context, device), shareable) if shareable else None
     question = _ids(trial.question, device)
     return {
         label: _answer(model, shared.logits, policy.from_shared(shared), len(trial.context), question, answer_tokens)
+        if policy.shareable
+        else trial_answer(model, trial, policy, answer_tokens)  # chunked or re-rotated: its own prefill
         for label, policy in policies.items()
     }
 

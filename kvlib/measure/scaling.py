@@ -14,12 +14,12 @@ Decode time has a part that grows with the cache and a part that does not (the w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
-from kvlib.analysis import scaling as _tables  # noqa: F401  (registers this kind's tables)
 from kvlib.measure import latency
 from kvlib.presses import Press, load_press
 
@@ -29,8 +29,24 @@ PRIMER_TOKENS = 64
 
 
 def check(settings, presses: list[Press]) -> None:
-    """Called by the study once per context length (`settings.max_length` = that length): the latency checks."""
+    """Called by the study once per context length (`settings.max_length` = that length): the latency checks, and
+    that something about compression can be measured there: the prompt is longer than the tokens decoded after it
+    (else those dominate the cache whose decoding is timed), and every press at its ratio removes at least one
+    position (else its row is the baseline under another name)."""
     latency.check(settings, presses)
+    length = settings.max_length
+    if length <= settings.gen_tokens:
+        raise ValueError(
+            f"scaling context length {length} is too short: it must exceed gen_tokens ({settings.gen_tokens}), the "
+            "tokens decoded after the prompt, so that the compressed prompt is most of the cache being timed"
+        )
+    for press in presses:
+        ratio = press.compression_ratio
+        if ratio > 0 and int(length * ratio) < 1:
+            raise ValueError(
+                f"scaling context length {length} is too short for {press.name} at ratio {ratio:g}: it removes no "
+                f"position there (int({length} x {ratio:g}) = 0); use lengths of at least {math.ceil(1 / ratio)}"
+            )
 
 
 def measure(

@@ -18,6 +18,11 @@ what those presses read (keys, values, the last queries they need, rotary tables
 then prunes its own copy of the cache. It runs the very same `Press.keep` on the very same tensors, so the
 result is bit-identical to prefilling under each press (tests check this).
 
+`Press.within_budget(model, budget)` is the chunked variant (`kvlib.cache.chunked`): every forward inside, also
+one continuing a cache that already holds positions, prunes each full-attention layer to `budget(layer)`; the
+press then scores the whole current cache with the current chunk's queries. Presses that need the whole context
+at once (`chunk_refusal`: any press overriding `rescore`, and those in `CHUNK_REFUSALS`) are refused there.
+
 A press that scores by running the model again after the prefill (KVzip re-reads the prefix) overrides
 `Press.rescore`: both paths call it once the prefill has filled the cache, still inside the model's forward
 (so a timed `with press(model): model(prompt)` counts those passes), with kvlib's own recording paused.
@@ -185,13 +190,48 @@ class Press:
         """
         return None
 
-    def keep(self, layer: PrefillLayer, scores: torch.Tensor | None = None) -> torch.Tensor:
-        """Indices of the kept positions, [batch, kv_heads, n_kept], ascending (`scores`: from `rescore`)."""
-        n = layer.keys.shape[-2]
-        self.check_prefix_length(n)
+    def keep(self, layer: PrefillLayer, scores: torch.Tensor | None = None, budget: int | None = None) -> torch.Tensor:
+        """Indices of the kept positions, [batch, kv_heads, n_kept], ascending (`scores`: from `rescore`).
+
+        `budget`: positions to keep, given by a chunked prefill (`within_budget`), which checked the press's
+        requirements on the whole context beforehand; None: the press's own `budget` of what the layer holds."""
+        if budget is None:
+            n = layer.keys.shape[-2]
+            self.check_prefix_length(n)
+            budget = self.budget(n, layer)
         if scores is None:
             scores = self.layer_scores(layer)
-        return scores.topk(self.budget(n, layer), dim=-1).indices.sort(dim=-1).values
+        return scores.topk(budget, dim=-1).indices.sort(dim=-1).values
+
+    def chunk_tokens(self) -> int:
+        """Fewest tokens a chunk of a chunked prefill must hold for this press to score it (its query window)."""
+        return self.queries_needed() or 1
+
+    def protected_positions(self) -> int:
+        """Positions the press always keeps (its sinks, its observation window): a budget below them is refused."""
+        return max(1, getattr(self, "n_sink", 0), getattr(self, "window_size", 0))
+
+    def chunk_refusal(self) -> str | None:
+        """Why this press cannot compress chunk by chunk (None: it can; see `kvlib.cache.chunked`)."""
+        if _rescores(self):
+            return (
+                f"the {self.name} press scores by running the model again over the whole context once it is "
+                "prefilled, which a chunk-by-chunk prefill never holds"
+            )
+        return CHUNK_REFUSALS.get(self.name)
+
+    @contextmanager
+    def within_budget(self, model: nn.Module, budget: Callable[[PrefillLayer], int]) -> Iterator[nn.Module]:
+        """Like `with press(model)`, but every forward inside prunes each full-attention layer to `budget(layer)`
+        positions (capped at what it holds), also a forward that continues a cache already holding positions:
+        the chunked prefill of `kvlib.cache.chunked`. After each forward `last_report.kept_indices` holds the
+        indices (into what each layer held) of the layers it pruned. Presses with a `chunk_refusal` raise."""
+        refusal = self.chunk_refusal()
+        if refusal is not None:
+            raise ValueError(f"{self.name} press cannot compress chunk by chunk: {refusal}")
+        state = _PressState(self, budget)
+        with _recording(model, state, rotary=self.needs_rotary):
+            yield model
 
     def prune(self, shared: SharedPrefill) -> Cache:
         """This press's own pruned copy of a shared prefill's cache (the shared cache is left as it was)."""
@@ -216,6 +256,13 @@ class Press:
         state = _PressState(self)
         with _recording(model, state, rotary=self.needs_rotary):
             yield model
+
+
+# Presses whose scores need the whole context at once; a chunked prefill refuses them rather than approximate them.
+CHUNK_REFUSALS = {
+    "lagkv": "its partitions of lag_size consecutive tokens would be cut again over an already pruned cache, "
+    "where neighbours are no longer consecutive tokens",
+}
 
 
 def _rescores(press: Press) -> bool:
@@ -266,6 +313,7 @@ class _Recorder:
     """Receives each attention layer's inputs during a prefill; subclasses decide what to keep."""
 
     queries: int | None = None  # last queries to keep (None: all)
+    chunked = False  # whether a prefill may continue a cache that already holds positions (`within_budget`)
 
     def __init__(self) -> None:
         self.prefix_length = 0
@@ -273,7 +321,7 @@ class _Recorder:
         self.observer: Callable[[PrefillLayer], None] | None = None  # who sees those passes' attention calls
 
     def begin(self, n: int, layer_idx: int, queries_in_call: int) -> None:
-        if n != queries_in_call:
+        if n != queries_in_call and not self.chunked:
             raise ValueError(
                 f"a press compresses a prefill into an empty cache; layer {layer_idx} already held "
                 f"{n - queries_in_call} positions"
@@ -293,16 +341,23 @@ class _Recorder:
 class _PressState(_Recorder):
     """One press applied live: score each layer as it passes, prune once the forward has finished."""
 
-    def __init__(self, press: Press):
+    def __init__(self, press: Press, budget: Callable[[PrefillLayer], int] | None = None):
         super().__init__()
         self.press = press
+        self.budget = budget  # a chunked prefill's budget per layer (None: the press's own, one-shot)
+        self.chunked = budget is not None
         self.queries = press.queries_needed()
         self.kept: dict[int, torch.Tensor] = {}
         self.deferred: dict[int, PrefillLayer] = {}  # layers of a rescoring press, kept once its passes are done
         self.scores: dict[int, torch.Tensor] | None = None
 
     def layer(self, layer: PrefillLayer) -> None:
-        if self.press.compression_ratio > 0:
+        if self.budget is not None:  # chunked: prune only a layer holding more than its budget
+            held = layer.keys.shape[-2]
+            budget = min(held, self.budget(layer))
+            if budget < held:
+                self.kept[layer.layer_idx] = self.press.keep(layer, budget=budget)
+        elif self.press.compression_ratio > 0:
             if _rescores(self.press):
                 self.deferred[layer.layer_idx] = layer
             else:
@@ -318,7 +373,7 @@ class _PressState(_Recorder):
             self.kept[idx] = self.press.keep(layer, None if self.scores is None else self.scores[idx])
         self.deferred, self.scores = {}, None
         report = _pruned(cache, self.kept, self.prefix_length)
-        if self.press.compression_ratio > 0 and not self.kept:
+        if self.press.compression_ratio > 0 and not self.kept and not self.chunked:
             raise ValueError("no layer of this model could be compressed: every attention layer uses a sliding window")
         self.press.last_report = report
         self.kept = {}
@@ -359,7 +414,8 @@ def _recording(model: nn.Module, recorder: _Recorder, rotary: bool) -> Iterator[
                         module.layer_idx, n_layers, query, key, value, kwargs["scaling"], rotary_tables.get(id(module))
                     )
                 )
-        elif id(module) in module_ids and query.shape[-2] > 1:  # a decoding step, or another model: nothing to do
+        # A decoding step (one query), or another model: nothing to do; a chunk of a chunked prefill may be one token.
+        elif id(module) in module_ids and (query.shape[-2] > 1 or recorder.chunked):
             recorder.begin(key.shape[-2], module.layer_idx, query.shape[-2])
             if kwargs.get("sliding_window") is None:  # sliding-window layers keep their window
                 recorder.layer(

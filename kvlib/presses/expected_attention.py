@@ -102,6 +102,9 @@ class ExpectedAttentionPress(Press):
     def min_prefix_length(self) -> int:
         return max(self.n_sink + 1, 2)  # one query for the statistics, two positions for the rotary frequencies
 
+    def chunk_tokens(self) -> int:
+        return self.min_prefix_length()  # every chunk: two positions; the first also its sinks' queries
+
     def layer_scores(self, layer: PrefillLayer) -> torch.Tensor:
         if layer.rotary is None:
             raise ValueError(
@@ -115,10 +118,14 @@ class ExpectedAttentionPress(Press):
         if rotary_dim > dim:
             raise ValueError(f"rotary tables cover {rotary_dim} dims, more than the head's {dim}")
         start, step, scale = rotary_frequencies(cos, sin)
-        mean, cov = self._query_statistics(layer.queries[:, :, layer.queries.shape[-2] - n :], cos, sin, scale)
+        # The positions of this call: the whole prefix (m = n), or in a chunked prefill the chunk's m, whose keys
+        # are the cache so far plus the chunk; only the prefix or the first chunk starts with the sinks' queries.
+        m = cos.shape[-2]
+        queries = layer.queries[:, :, layer.queries.shape[-2] - m :]
+        mean, cov = self._query_statistics(queries, cos, sin, scale, self.n_sink if m == n else 0)
 
         # The average rotation of the next n_future_positions positions: diag(c) + P diag(s) on the rotary dims.
-        future = torch.arange(n, n + self.n_future_positions, dtype=torch.float64, device=keys.device)
+        future = torch.arange(m, m + self.n_future_positions, dtype=torch.float64, device=keys.device)
         angles = start[:, None, :] + step[:, None, :] * future[None, :, None]  # [batch, future, half]
         c = (angles.cos().mean(dim=1) * scale[:, None]).repeat(1, 2)
         s = (angles.sin().mean(dim=1) * scale[:, None]).repeat(1, 2)
@@ -140,18 +147,18 @@ class ExpectedAttentionPress(Press):
         return F.pad(scores, (self.n_sink, 0), value=scores.max().item() + 1)
 
     def _query_statistics(
-        self, queries: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: torch.Tensor
+        self, queries: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, scale: torch.Tensor, skip: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mean [batch, q_heads, dim] and covariance [batch, q_heads, dim, dim] (float32) of the pre-RoPE queries
-        after the sinks, gathered a chunk of positions at a time."""
+        after the first `skip` (the sinks), gathered a chunk of positions at a time."""
         batch, q_heads, n, dim = queries.shape
         chunk = max(1, CHUNK_ELEMENTS // (batch * q_heads * dim))
-        count = n - self.n_sink
+        count = n - skip
 
         def pre_rope(first: int, last: int) -> torch.Tensor:
             return unrotate(queries[:, :, first:last], cos[:, first:last], sin[:, first:last], scale)
 
-        bounds = [(i, min(n, i + chunk)) for i in range(self.n_sink, n, chunk)]
+        bounds = [(i, min(n, i + chunk)) for i in range(skip, n, chunk)]
         mean = sum(pre_rope(first, last).sum(dim=2) for first, last in bounds) / count
         if not self.use_covariance:
             return mean, None

@@ -31,16 +31,21 @@ class ObservedAttentionPress(Press):
         batch, kv_heads, n, dim = keys.shape
         q_heads = queries.shape[1]
         groups = q_heads // kv_heads
-        queries = queries[:, :, queries.shape[-2] - n :]  # every prefix query, position i at row i
+        # The queries are the last m of the n positions: the whole prefix (m = n), or in a chunked prefill the
+        # current chunk's, whose keys are the cache so far plus the chunk (query row i is key position offset + i).
+        queries = queries[:, :, max(0, queries.shape[-2] - n) :]
+        m = queries.shape[-2]
+        offset = n - m
         received = torch.zeros((batch, kv_heads, groups, n), dtype=queries.dtype, device=queries.device)
         chunk = max(1, CHUNK_ELEMENTS // (batch * q_heads * n))
-        for start in range(0, n, chunk):
-            end = min(n, start + chunk)
+        for start in range(0, m, chunk):
+            end = min(m, start + chunk)
             block = queries[:, :, start:end].reshape(batch, kv_heads, groups * (end - start), dim)
             logits = (block @ keys.transpose(2, 3) * scaling).view(batch, kv_heads, groups, end - start, n)
-            query_pos = torch.arange(start, end, device=keys.device)[:, None]
+            query_pos = torch.arange(offset + start, offset + end, device=keys.device)[:, None]
             hidden = torch.arange(n, device=keys.device)[None, :] > query_pos  # causal: later keys are unseen
             logits = logits.masked_fill(hidden, float("-inf"))
             received += torch.softmax(logits, dim=-1, dtype=torch.float32).to(queries.dtype).sum(dim=-2)
-        seen_by = torch.arange(n, 0, -1, device=keys.device, dtype=received.dtype)
+        # Queries that could see each key: n - j of the whole prefix, at most the m queries of a chunk.
+        seen_by = torch.arange(n, 0, -1, device=keys.device, dtype=received.dtype).clamp(max=m)
         return (received / seen_by).mean(dim=2)

@@ -2,7 +2,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvlib.presses.base import Press, n_kept, option
+from kvlib.presses.base import Press, option
 from kvlib.presses.registry import register
 
 
@@ -21,8 +21,9 @@ class StreamingLLMPress(Press):
         return self.n_sink + 1
 
     def score(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
-        n = keys.shape[-2]
-        n_pruned = n - n_kept(n, self.compression_ratio)
-        scores = torch.ones_like(keys[..., 0])
-        scores[:, :, self.n_sink : self.n_sink + n_pruned] = 0
-        return scores
+        # Ranks, not a 0/1 mask: whatever the budget (the ratio's, or a chunked prefill's), the top positions are
+        # the sinks, then the most recent ones. float32 ranks are exact up to 2**24 positions.
+        batch, kv_heads, n, _ = keys.shape
+        scores = torch.arange(n, dtype=torch.float32, device=keys.device)
+        scores[: self.n_sink] = n
+        return scores.expand(batch, kv_heads, n)

@@ -101,13 +101,18 @@ def stored_cells(output_dir: str | os.PathLike, model: str, dataset: str, kind: 
 @contextmanager
 def output_lock(output_dir: str | os.PathLike) -> Iterator[None]:
     """One run at a time per output directory: an exclusive lock (released by the system if the run dies, so
-    it never goes stale). Holding it, the run first removes temporary files a killed run left behind."""
+    it never goes stale). Holding it, the run first removes temporary files a killed run left behind. A run that
+    fails inside removes the lock file and the folders it created, when it left nothing else in them: a rejected
+    run leaves the file system as it found it."""
     folder = Path(output_dir).resolve()
+    created = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
     folder.mkdir(parents=True, exist_ok=True)
     if os.environ.get(LOCK_ENV) == str(folder):
         yield  # the study pipeline that started this notebook holds it
         return
-    handle = open(folder / LOCK_FILE, "a+")
+    lock_path = folder / LOCK_FILE
+    new_lock = not lock_path.exists()
+    handle = open(lock_path, "a+")
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -126,6 +131,9 @@ def output_lock(output_dir: str | os.PathLike) -> Iterator[None]:
         try:
             remove_leftovers(folder)
             yield
+        except Exception:
+            _undo_creation(lock_path if new_lock else None, created)  # while the lock is still held
+            raise
         finally:
             if previous is None:
                 os.environ.pop(LOCK_ENV, None)
@@ -133,3 +141,14 @@ def output_lock(output_dir: str | os.PathLike) -> Iterator[None]:
                 os.environ[LOCK_ENV] = previous
     finally:
         handle.close()  # closing releases the lock
+
+
+def _undo_creation(lock_path: Path | None, created: list[Path]) -> None:
+    """Remove the lock file this run created, then each folder it created that is left empty (deepest first)."""
+    if lock_path is not None:
+        lock_path.unlink(missing_ok=True)
+    for path in created:
+        try:
+            path.rmdir()
+        except OSError:  # the run left something there: keep it, and the folders above it
+            return

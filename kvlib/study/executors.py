@@ -27,7 +27,7 @@ from pathlib import Path
 from kvlib.files import TMP_SUFFIX, atomic_write
 from kvlib.measure import KINDS
 from kvlib.study.cells import LOCK_ENV, cell_folder, output_lock
-from kvlib.study.runner import plan_run, run, write_tables
+from kvlib.study.runner import RunPlan, plan_run, run, write_tables
 from kvlib.study.settings import Settings, validate
 
 EXECUTORS = ("sequential", "ray")
@@ -36,6 +36,8 @@ MAX_RETRIES = 2
 # A local model directory up to this size travels to the workers through Ray's object store (the smoke preset's
 # tiny model, ~30 MB); a larger one must be at the same path on every worker (shared filesystem or a copy).
 SHIPPED_MODEL_BYTES = 200 * 2**20
+# How long a run waits for the Ray cluster at --address to answer before it fails (--ray_timeout).
+RAY_TIMEOUT_S = 30.0
 
 
 @dataclass
@@ -62,10 +64,44 @@ class TasksFailed(RuntimeError):
         super().__init__(f"{len(failed)} task(s) failed (a task is retried {MAX_RETRIES} times first):\n{lines}")
 
 
+class ClusterUnreachable(ValueError):
+    """Nothing answers at the Ray address given (a bad input: the command line exits with code 2)."""
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a Ray address such as 10.0.0.5:6379 or ray://head:10001; None for `auto` and the like."""
+    host, colon, port = address.split("://", 1)[-1].rpartition(":")
+    return (host.strip("[]"), int(port)) if colon and host and port.isdigit() else None
+
+
+def check_address(address: str, timeout: float = RAY_TIMEOUT_S) -> None:
+    """Fail within `timeout` seconds, naming the address, when no server accepts a connection there: `ray.init`
+    itself keeps retrying an unreachable cluster for many minutes without a word. A refused connection is tried
+    again every second until the timeout (a cluster may be starting)."""
+    where = _host_port(address)
+    if where is None:
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection(where, timeout=max(0.1, min(left, 5.0))):
+                return
+        except OSError as error:
+            if deadline - time.monotonic() <= 1.0:
+                reason = error.strerror or type(error).__name__
+                raise ClusterUnreachable(
+                    f"cannot reach the Ray cluster at {address} within {timeout:g} s ({reason}); start it there "
+                    "(ray start --head) or fix --address (without --address a local Ray instance is started)"
+                ) from None
+            time.sleep(1.0)
+
+
 @contextmanager
-def ray_session(address: str | None = None) -> Iterator[None]:
-    """Connected to Ray for the block: the cluster at `address`, else a local Ray instance sized to this machine
-    (one for a whole study: starting it takes seconds). Inside an existing connection, that one is used."""
+def ray_session(address: str | None = None, timeout: float = RAY_TIMEOUT_S) -> Iterator[None]:
+    """Connected to Ray for the block: the cluster at `address` (ClusterUnreachable when nothing answers there
+    within `timeout` seconds), else a local Ray instance sized to this machine (one for a whole study: starting it
+    takes seconds). Inside an existing connection, that one is used."""
     try:
         import ray
     except ImportError as error:
@@ -74,6 +110,7 @@ def ray_session(address: str | None = None) -> Iterator[None]:
         yield
         return
     if address:
+        check_address(address, timeout)
         ray.init(address=address)
     else:
         # The dashboard is left off: progress is printed on the driver, and it costs a local run seconds and memory.
@@ -99,6 +136,7 @@ def run_on_ray(
     address: str | None = None,
     log: Callable[[str], None] = print,
     started: float | None = None,
+    timeout: float = RAY_TIMEOUT_S,
 ) -> tuple[list[Path], dict[str, str]]:
     """Run `tasks` as Ray tasks, as many at once as the cluster's resources allow, writing what each brings back
     into `output_dir` as it finishes. Returns (paths written, {task name: error} of the tasks that still failed
@@ -108,7 +146,7 @@ def run_on_ray(
     import ray
 
     started = time.perf_counter() if started is None else started
-    with ray_session(address):
+    with ray_session(address, timeout):
         remote = ray.remote(_run_task).options(max_retries=MAX_RETRIES, retry_exceptions=True,
                                                **task_resources(device, cpus))  # fmt: skip
         models = {task.model for task in tasks if task.model}
@@ -273,7 +311,27 @@ def stored_cell_files(output_dir: str | os.PathLike, model: str, dataset: str, k
 def rebuild_tables(settings: Settings, methods: list[str], ratios: list[float], kinds: list[str]) -> list[Path]:
     """The tables a run of these settings writes, from the stored cells (nothing is measured)."""
     planned = plan_run(settings, methods, ratios, kinds)
-    return write_tables(settings, planned.model_id, planned.datasets, kinds)
+    return write_tables(planned.settings, planned.model_id, planned.datasets, kinds)
+
+
+def rebuild_what_can_be(
+    settings: Settings, methods: list[str], ratios: list[float], kinds: list[str]
+) -> tuple[list[Path], dict[str, str]]:
+    """`rebuild_tables`, and when that fails, the tables of each dataset on its own: one dataset that can no longer
+    be planned (its text gone, a corrupt cell) never costs the others' tables. Returns (paths written, {what: error}
+    of what could not be rebuilt); raises nothing a plan or a table can raise."""
+    try:
+        return rebuild_tables(settings, methods, ratios, kinds), {}
+    except (ValueError, OSError) as error:
+        if settings.dataset != "all":
+            return [], {f"tables of {settings.dataset}": error_line(error)}
+    written, failed = [], {}
+    for dataset in settings.datasets():
+        try:
+            written += rebuild_tables(replace(settings, dataset=dataset), methods, ratios, kinds)
+        except (ValueError, OSError) as error:
+            failed[f"tables of {dataset}"] = error_line(error)
+    return written, failed
 
 
 def _measure_group(settings: Settings, methods: list[str], ratios: list[float], kind: str, private: Path) -> None:
@@ -281,12 +339,15 @@ def _measure_group(settings: Settings, methods: list[str], ratios: list[float], 
     run(replace(settings, output_dir=str(private)), methods, ratios, [kind], log=print)
 
 
-def grid_tasks(settings: Settings, methods: list[str], ratios: list[float], kinds: list[str]) -> list[Task]:
+def grid_tasks(
+    settings: Settings, methods: list[str], ratios: list[float], kinds: list[str], planned: RunPlan | None = None
+) -> list[Task]:
     """One task per (dataset, kind[, length]) group with pending cells. Groups, not single cells: a group is
     what one `measure` call shares work across (one prefill per window for all its presses, 1.56x faster than a
     prefill per cell; the latency baseline interleaved with its presses in the same rounds), so splitting it
     would cost time and change how its latencies were measured."""
-    planned = plan_run(settings, methods, ratios, kinds)  # resolves settings.device/dtype: the tasks get the same
+    planned = planned or plan_run(settings, methods, ratios, kinds)
+    settings = planned.settings  # device and dtype resolved here: every task gets the same
     model = settings.model if Path(settings.model).is_dir() else None
     tasks = []
     for plan in planned.datasets:
@@ -311,15 +372,28 @@ def run_grid_on_ray(
     kinds: list[str],
     address: str | None = None,
     log: Callable[[str], None] = print,
+    timeout: float = RAY_TIMEOUT_S,
 ) -> list[Path]:
     """`study.run` with each pending group measured as a Ray task; the tables are rebuilt here afterwards.
-    Raises TasksFailed (after storing everything else and writing the tables) when a task still failed."""
+    Raises TasksFailed when a task still failed, after storing what the others brought back and writing every
+    table that can be written; an error rebuilding the tables then joins that report, never replaces it.
+    An `address` where nothing answers fails within `timeout` seconds, before anything is planned."""
     validate(settings, methods, ratios, kinds)
+    if address:
+        check_address(address, timeout)
+    planned = plan_run(settings, methods, ratios, kinds)  # before the lock: a rejected run leaves nothing behind
     with output_lock(settings.output_dir):
-        tasks = grid_tasks(settings, methods, ratios, kinds)
+        planned.refresh_pending(methods, ratios)
+        tasks = grid_tasks(settings, methods, ratios, kinds, planned)
         log(f"{settings.model}: {sum(t.cells for t in tasks)} cell(s) to run in {len(tasks)} task(s)")
-        written, failed = run_on_ray(tasks, settings.output_dir, settings.device, address=address, log=log)
-        written += rebuild_tables(settings, methods, ratios, kinds)
+        device = planned.settings.device
+        written, failed = run_on_ray(tasks, settings.output_dir, device, address=address, log=log, timeout=timeout)
+        if failed:
+            tables, not_rebuilt = rebuild_what_can_be(settings, methods, ratios, kinds)
+            written += tables
+            failed |= not_rebuilt
+        else:
+            written += rebuild_tables(settings, methods, ratios, kinds)
     if failed:
         raise TasksFailed(failed, written)
     return written

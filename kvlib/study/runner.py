@@ -14,6 +14,7 @@ import pandas as pd
 from kvlib import data, models
 from kvlib.analysis import tables
 from kvlib.cache import CachePolicy
+from kvlib.cache.positions import config_has_rotary
 from kvlib.cache.storage import FLOAT
 from kvlib.files import array_hash, atomic_write, slug, write_json
 from kvlib.measure import KINDS
@@ -22,15 +23,21 @@ from kvlib.study.provenance import provenance
 from kvlib.study.settings import DEFAULT_METHODS, DEFAULT_RATIOS, Settings, build_press, cells, storage, validate
 
 
-def check_context(settings: Settings) -> None:
+def check_context(settings: Settings) -> int | None:
     """max_length, and every length asked for with `lengths`, against the model's context, from its config alone
-    (no weights). Lengths asked for explicitly are refused beyond it; a kind's default sweep is capped instead."""
+    (no weights). Lengths asked for explicitly are refused beyond it; a kind's default sweep is capped instead.
+    Returns that context (None when the config does not say), so the config is read once per plan."""
     config = models.load_config(settings.model)
     limit = models.context_length(config)
     text_config = config.get_text_config()
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     for precision in settings.kv_quant:
         storage(settings, precision).check_head_dim(head_dim)
+    if settings.positions == "rerotate" and not config_has_rotary(config):
+        raise ValueError(
+            f"positions 'rerotate' re-rotates keys with the model's rotary embedding; {settings.model} has no rotary "
+            "positions (use positions 'original')"
+        )
     if limit is not None and settings.max_length > limit:
         raise ValueError(f"max_length {settings.max_length} exceeds {settings.model}'s context of {limit} tokens")
     beyond = [length for length in settings.lengths or [] if limit is not None and length > limit]
@@ -38,6 +45,7 @@ def check_context(settings: Settings) -> None:
         raise ValueError(
             f"lengths {beyond} exceed {settings.model}'s context of {limit} tokens; ask for lengths up to {limit}"
         )
+    return limit
 
 
 @dataclass
@@ -88,8 +96,14 @@ def text_identity(dataset: str, settings: Settings, windows: np.ndarray) -> dict
 
 
 def policy(settings: Settings, method: str, ratio: float, precision: str) -> CachePolicy:
-    """The cache policy of one cell: its press, stored at its precision."""
-    return CachePolicy(build_press(settings, method, ratio), storage(settings, precision))
+    """The cache policy of one cell: its press, stored at its precision, read as the settings say (the uncompressed
+    cache is always read in one pass at its own positions: the reference every row is compared with)."""
+    press = build_press(settings, method, ratio)
+    if method == "none":
+        return CachePolicy(press, storage(settings, precision))
+    return CachePolicy(
+        press, storage(settings, precision), prefill_chunk=settings.prefill_chunk, positions=settings.positions
+    )
 
 
 def wanted_identity(
@@ -118,13 +132,20 @@ def plan_dataset(settings, dataset, tokenizer, model_id, methods, ratios, kinds)
         min_windows=min_windows(settings, kinds),
     )  # fmt: skip
     plan = DatasetPlan(dataset, settings.max_length, windows, text_identity(dataset, settings, windows))
+    plan.pending = pending_cells(settings, plan, model_id, methods, ratios, kinds)
+    return plan
+
+
+def pending_cells(settings, plan: DatasetPlan, model_id: dict, methods, ratios, kinds) -> dict[str, list]:
+    """kind -> (method, ratio, kv_quant, identity) of every cell of `plan` not stored yet."""
+    pending: dict[str, list] = {}
     for kind in kinds:
-        plan.pending[kind] = []
+        pending[kind] = []
         for method, ratio, precision in cells(methods, ratios, settings.kv_quant):
             wanted = wanted_identity(settings, model_id, plan.text, kind, method, ratio, precision)
-            if store.read_cell(store.cell_path(settings.output_dir, settings.model, dataset, wanted)) is None:
-                plan.pending[kind].append((method, ratio, precision, wanted))
-    return plan
+            if store.read_cell(store.cell_path(settings.output_dir, settings.model, plan.dataset, wanted)) is None:
+                pending[kind].append((method, ratio, precision, wanted))
+    return pending
 
 
 def table_cells(settings: Settings, model_id: dict, plan: DatasetPlan, kinds: tuple[str, ...]) -> list[dict]:
@@ -184,17 +205,24 @@ class RunPlan:
     model_id: dict
     tokenizer: object
     datasets: list[DatasetPlan]
+    settings: Settings  # the run's settings, device and dtype resolved (the caller's are left as they were)
+
+    def refresh_pending(self, methods: list[str], ratios: list[float]) -> None:
+        """What is still to measure, again: called once the run holds the output lock (planned before it, so
+        that a rejected run leaves nothing behind), so that a cell another run stored meanwhile is not redone."""
+        for plan in self.datasets:
+            plan_settings = at_length(self.settings, plan.length)
+            plan.pending = pending_cells(plan_settings, plan, self.model_id, methods, ratios, list(plan.pending))
 
 
 def plan_run(settings: Settings, methods: list[str], ratios: list[float], kinds: list[str]) -> RunPlan:
     """Everything a run decides before loading weights: checked settings, the model's identity, the windows of
     every dataset at every context length (all read and checked before the first measurement) and what is still
-    to measure."""
+    to measure. Reads the output directory, writes nothing; returns the settings it resolved in the plan."""
     validate(settings, methods, ratios, kinds)
-    settings.device = settings.device or models.default_device()
-    settings.dtype = settings.dtype or models.default_dtype(settings.device)
-    check_context(settings)
-    limit = models.context_length(models.load_config(settings.model))
+    device = settings.device or models.default_device()
+    settings = replace(settings, device=device, dtype=settings.dtype or models.default_dtype(device))
+    limit = check_context(settings)
     model_id = models.fingerprint(settings.model)
     tokenizer = models.load_tokenizer(settings.model)
     kinds_at: dict[int, list[str]] = {}
@@ -206,7 +234,7 @@ def plan_run(settings: Settings, methods: list[str], ratios: list[float], kinds:
         for dataset in settings.datasets()
         for length, length_kinds in sorted(kinds_at.items())
     ]
-    return RunPlan(model_id, tokenizer, plans)
+    return RunPlan(model_id, tokenizer, plans, settings)
 
 
 def run(
@@ -225,9 +253,12 @@ def run(
     methods = list(methods or DEFAULT_METHODS)
     ratios = [float(r) for r in (ratios if ratios is not None else DEFAULT_RATIOS)]
     kinds = list(kinds or tables.METRIC_KINDS)  # kinds that sweep context lengths run only when asked for
-    validate(settings, methods, ratios, kinds)  # bad input fails before the output directory is touched
+    # Every check that can reject the run (settings, the model's context, the text of every dataset) happens before
+    # the output directory is created or locked: a rejected run leaves the file system as it found it.
+    planned = plan_run(settings, methods, ratios, kinds)
+    settings = planned.settings
     with store.output_lock(settings.output_dir):
-        planned = plan_run(settings, methods, ratios, kinds)
+        planned.refresh_pending(methods, ratios)
         model = None
         written: list[Path] = []
         for plan in planned.datasets:
@@ -276,6 +307,8 @@ def measure_kind(settings, model, planned: RunPlan, plan: DatasetPlan, kind: str
             "method": method,
             "compression_ratio": ratio,
             "kv_quant": precision,
+            "prefill_chunk": policies[label].prefill_chunk,
+            "positions": policies[label].positions,
             "options": policies[label].press.options(),
             "settings": settings.for_kind(kind),
             "identity_columns": identity_columns,

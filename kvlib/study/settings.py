@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from kvlib import data
+from kvlib.cache.chunked import check_policy
 from kvlib.cache.storage import FLOAT, Storage
 from kvlib.measure import KINDS
 from kvlib.presses import PRESSES, check_press_name, load_press
@@ -51,6 +52,11 @@ class Settings:
     # size, axes, residual length) apply to every group-wise backend and identify its results.
     kv_quant: list[str] = field(default_factory=lambda: [FLOAT])
     kv_quant_options: dict = field(default_factory=dict)
+    # How a compressed prefix is read (kvlib.cache.chunked): `prefill_chunk` tokens at a time, the press pruning after
+    # each chunk (None: one forward pass), and which positions the kept keys claim ("original" or "rerotate"). They
+    # apply to the pressed cells; the baseline stays the plain one-shot prefill every row is compared with.
+    prefill_chunk: int | None = None
+    positions: str = "original"
 
     def datasets(self) -> list[str]:
         return list(data.DATASETS) if self.dataset == "all" else [self.dataset]
@@ -121,6 +127,8 @@ def validate(settings: Settings, methods: list[str], ratios: list[float], kinds:
     for precision in settings.kv_quant:
         storage(settings, precision).check_backend()
     presses = [build_press(settings, method, ratio) for method, ratio, _ in cells(methods, ratios)]
+    for press in presses:
+        check_policy(press, settings.prefill_chunk, None, settings.positions)
     for kind in kinds:
         swept = hasattr(KINDS[kind], "LENGTHS")
         for length in (settings.lengths or KINDS[kind].LENGTHS) if swept else [settings.max_length]:

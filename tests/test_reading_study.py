@@ -1,0 +1,98 @@
+"""The reading mode in the study (`--prefill_chunk`, `--positions`): wired through every kind's cache policy,
+validated before weights load, resumable, and equal to the one-shot prefill when a chunk holds the whole prefix."""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvlib import cli
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--max_length", "512", "--n_ppl", "2", "--kinds", "ppl", "--methods", "knorm", "streaming_llm", "--ratios",
+        "0.75"]  # fmt: skip
+TABLE = "tiny-gpt-neox_wikitext_kv_metrics.csv"
+
+
+def run_cli(capsys, *argv):
+    code = cli.main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def grid(capsys, tiny_model_dir, data_dir, tmp_path):
+    def run(*extra, output=tmp_path / "out"):
+        return run_cli(capsys, "grid", "--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", output,
+                       *FAST, *extra)  # fmt: skip
+
+    return run
+
+
+def test_a_chunk_holding_the_whole_prefix_gives_the_one_shot_perplexity(grid, tmp_path):
+    assert grid()[0] == 0
+    one_shot = pd.read_csv(tmp_path / "out" / TABLE).set_index("method")
+    assert grid("--prefill_chunk", "256")[0] == 0  # the prefix is 256 tokens
+    chunked = pd.read_csv(tmp_path / "out" / TABLE).set_index("method")
+    assert list(chunked["prefill_chunk"].fillna(0)) == [0, 256, 256]  # the baseline is always one pass
+    pd.testing.assert_series_equal(chunked["ppl"], one_shot["ppl"])
+    assert len(list((tmp_path / "out" / "cells").rglob("*.json"))) == 5  # the chunked cells are results of their own
+
+
+def test_small_chunks_and_rerotation_are_results_of_their_own(grid, tmp_path):
+    assert grid("--prefill_chunk", "64", "--positions", "rerotate")[0] == 0
+    table = pd.read_csv(tmp_path / "out" / TABLE)
+    pressed = table[table["method"] != "none"]
+    assert set(pressed["positions"]) == {"rerotate"} and set(pressed["prefill_chunk"]) == {64}
+    assert pressed["ppl"].notna().all() and (pressed["kv_bytes_ratio"] < 0.3).all()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--prefill_chunk", "0"], "prefill_chunk must be a positive number of tokens"),
+        (["--prefill_chunk", "-5"], "prefill_chunk must be a positive number of tokens"),
+        (["--prefill_chunk", "128", "--methods", "kvzip"], "prefill_chunk is not available for the kvzip press"),
+        (["--prefill_chunk", "16", "--methods", "snapkv"], "prefill_chunk 16 is too short for the snapkv press"),
+    ],
+)
+def test_bad_reading_settings_fail_with_one_line(grid, tmp_path, flags, message):
+    code, err = grid(*flags)
+    assert code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out" / "cells").exists()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chunk=st.integers(min_value=-(2**40), max_value=2**40))
+def test_chunk_fuzzing(capsys, tmp_path, monkeypatch, chunk):
+    """Any integer: past validation to the (missing) model, or one line naming prefill_chunk."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, err = run_cli(capsys, "grid", "--model", str(tmp_path / "no-model"), "--output_dir", tmp_path / "o",
+                        "--methods", "knorm", "--prefill_chunk", str(chunk))  # fmt: skip
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert ("prefill_chunk" in err) == (chunk < 1), err
+
+
+def test_sigkill_then_resume_of_a_chunked_run(tiny_model_dir, data_dir, tmp_path):
+    args = [sys.executable, "-m", "kvlib", "grid", "--model", str(tiny_model_dir), "--data_dir", str(data_dir),
+            *FAST, "--prefill_chunk", "64"]  # fmt: skip
+    clean = tmp_path / "clean"
+    subprocess.run([*args, "--output_dir", str(clean)], check=True, capture_output=True, cwd=REPO, timeout=300)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([*args, "--output_dir", str(killed)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    for line in process.stderr:
+        if "cell(s):" in line or time.monotonic() > deadline:
+            break
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    resumed = subprocess.run([*args, "--output_dir", str(killed)], capture_output=True, text=True, cwd=REPO,
+                             timeout=300)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    columns = ["method", "compression_ratio", "prefill_chunk", "ppl", "ppl_delta", "kv_bytes"]
+    pd.testing.assert_frame_equal(pd.read_csv(killed / TABLE)[columns], pd.read_csv(clean / TABLE)[columns])
