@@ -145,24 +145,23 @@ GEMMA3_SHARE = ModelShare(
 )
 
 
-# Cache precision on SmolLM2 (issue: quantize, evict, or both). With no press on both datasets: fp8, hqq-int8 (the
-# only 8-bit integer backend), quanto-int4 and quanto-int2; fp8 and quanto-int4 (the better 4-bit backend on
-# SmolLM2: +2.0% against HQQ's +8.6%, benchmarks/kv_quant_parity.py) combined with the two best presses of the
-# committed report (mean Δppl over ratios and datasets: expected_attention and observed_attention, 1.26 each; KVzip
-# is as good on wikitext but re-reads the prefix) at every ratio. HQQ quantizes with an iterative optimiser: one
-# layer's keys and values of 512 positions took 13.7 s against quanto's 0.12 s (sizing script, busy machine), and a
-# perplexity window re-quantizes every layer once more for its suffix, so each HQQ precision costs ~16x a quanto one;
-# hqq-int4 and hqq-int2, worse than quanto at the same bytes in the parity benchmark, are left to that benchmark.
-# Quality: (3 + 16) cells of ~2 s per window and one hqq-int8 cell of ~40 s, x 16 windows = ~21 min. Timed: the
-# uncompressed cache at fp8 and quanto-int4 against the float baseline on PG-19 (dequantizing at every decoded
-# token is the cost to show): 3 configurations x 6 rounds x ~6 s = ~2 min. Retrieval: SnapKV at 0.5 and the
-# uncompressed cache at fp8 and quanto-int4, PG-19, the main retrieval protocol (a table holds one protocol: fewer
-# trials would be a variant with a table of its own): 40 trials x (2.7 s + 5 x 0.8 s) = ~4.5 min. In all ~28 min.
+# Cache precision on SmolLM2 (issue: quantize, evict, or both). With no press on both datasets every precision
+# but HQQ's 1- and 3-bit: fp8, quanto-int4, quanto-int2, hqq-int8, hqq-int4, hqq-int2; fp8 and quanto-int4 (the
+# better 4-bit backend on SmolLM2: +2.0% against HQQ's +8.6%, benchmarks/kv_quant_parity.py) combined with the two
+# best presses of the committed report (mean Δppl over ratios and datasets: expected_attention and
+# observed_attention, 1.26 each; KVzip is as good on wikitext but re-reads the prefix) at every ratio. Measured
+# (cells' group_wall_time, this machine): hqq-int8 alone 38 s and 35 s for the 8 windows of each dataset (HQQ's
+# iterative quantizer: ~4.5 s per window and cell); the other 19 cells took 23 min while other jobs shared the
+# machine (roughly 2 s per window and cell alone: ~10 min). Timed: the uncompressed cache at fp8 and quanto-int4
+# against the float baseline on PG-19 (dequantizing at every decoded token is the cost to show): 3 configurations
+# x 6 rounds x ~6 s = ~2 min. Retrieval: SnapKV at 0.5 and the uncompressed cache at fp8 and quanto-int4, PG-19,
+# the main retrieval protocol (a table holds one protocol: fewer trials would be a variant with a table of its
+# own): 40 trials x (2.7 s + 5 x 0.8 s) = ~4.5 min. In all ~20 min.
 SMOLLM2_PRECISIONS = [
     {"kind": "ppl", "methods": [], "ratios": [], "kv_quant": ["fp8", "quanto-int4", "quanto-int2"]},
     {"kind": "ppl", "methods": ["expected_attention", "observed_attention"], "ratios": [0.1, 0.3, 0.5, 0.7],
      "kv_quant": ["fp8", "quanto-int4"]},
-    {"kind": "ppl", "methods": [], "ratios": [], "kv_quant": ["hqq-int8"]},  # last: the slow one
+    {"kind": "ppl", "methods": [], "ratios": [], "kv_quant": ["hqq-int8", "hqq-int4", "hqq-int2"]},
     {"kind": "latency", "datasets": ["pg19"], "methods": [], "ratios": [], "kv_quant": ["fp8", "quanto-int4"]},
     {"kind": "retrieval", **OFFLINE_RETRIEVAL, "methods": ["snapkv"], "ratios": [0.5],
      "kv_quant": ["fp8", "quanto-int4"]},

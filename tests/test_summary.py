@@ -39,8 +39,8 @@ def test_the_best_configuration_fits_the_budget_and_names_what_it_cannot_be_told
     ])  # fmt: skip
     (answer,) = summary.answers(table, budgets=(0.75, 0.5, 0.25))
     at_75, at_50, at_25 = answer.choices
-    assert at_75.row["configuration"] == "quanto-int8 cache, no eviction"
-    assert at_50.row["configuration"] == "quanto-int8 cache, no eviction"
+    assert at_75.row["configuration"] == "quanto-int8 cache (no eviction)"
+    assert at_50.row["configuration"] == "quanto-int8 cache (no eviction)"
     assert "snapkv at ratio 0.5" not in at_50.tied  # [0.20, 0.40] does not overlap [0.00, 0.10]
     assert at_25.row is None
     # Without the quantised row, snapkv is best at 50% and knorm cannot be told from it; tova can.

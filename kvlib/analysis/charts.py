@@ -331,6 +331,7 @@ def memory_quality_frame(table: pd.DataFrame) -> pd.DataFrame:
 
     rows = summary.configurations(table)
     rows = rows[~summary.is_baseline(rows) & rows["ppl_delta"].notna() & rows["kv_bytes_ratio"].notna()].copy()
+    rows = chart_series(rows)  # a precision, or press+precision, is a series of its own
     rows["panel"] = _panel_rows(rows)
     rows["frontier"] = False
     for _, part in rows.groupby("panel"):
@@ -348,7 +349,7 @@ def memory_quality_chart(table: pd.DataFrame, panel: tuple[int, int] = (420, 280
     from kvlib.analysis import summary
 
     data = memory_quality_frame(table)
-    methods = _methods(table)
+    methods = list(table.attrs.get("methods") or sorted(set(data["method"])))
     selection = _methods_selection()
     x = alt.X("kv_bytes_ratio:Q", title="KV cache, share of the baseline's bytes (lower: less memory)",
               axis=alt.Axis(format="%"), scale=alt.Scale(domain=[0, 1.02], nice=False))  # fmt: skip

@@ -79,7 +79,8 @@ def is_baseline(rows: pd.DataFrame) -> pd.Series:
 
 
 def label(row: pd.Series) -> str:
-    """e.g. `snapkv at ratio 0.5`, `knorm at ratio 0.3, fp8 cache`, `fp8 cache, no eviction`."""
+    """e.g. `snapkv at ratio 0.5`, `knorm at ratio 0.3 + fp8 cache`, `fp8 cache (no eviction)`: no commas, so a
+    comma-separated list of labels reads unambiguously."""
     quant = row.get("kv_quant", FLOAT)
     quant = FLOAT if _missing(quant) else str(quant)
     parts = []
@@ -87,13 +88,14 @@ def label(row: pd.Series) -> str:
         parts.append(f"{row['method']} at ratio {float(row['compression_ratio']):g}")
     if quant != FLOAT:
         parts.append(f"{quant} cache")
-    if row["method"] == "none" and quant != FLOAT:
-        parts.append("no eviction")
     for column, name in EXTRA_AXES.items():
         value = row.get(column)
         if not _missing(value) and value:
             parts.append(name(value))
-    return ", ".join(parts) or "no compression"
+    if row.get("positions") == "rerotate":
+        parts.append("re-rotated positions")
+    text = " + ".join(parts) or "no compression"
+    return f"{text} (no eviction)" if row["method"] == "none" and quant != FLOAT else text
 
 
 def pareto_frontier(rows: pd.DataFrame, x: str = "kv_bytes_ratio", y: str = "ppl_delta") -> pd.DataFrame:
