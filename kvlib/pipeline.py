@@ -690,5 +690,9 @@ _SETTINGS_FIELDS = {f.name for f in fields(study.Settings)}
 
 
 def _execute_privately(notebook: str, target: str, parameters: dict, private: Path) -> None:
-    """A notebook as a Ray task runs it: from the shipped copy, into the task's private output directory."""
-    _execute(str(private / ".notebook" / notebook), private / target, {**parameters, "output_dir": str(private)}, print)
+    """A notebook as a Ray task runs it: from the shipped copy, into the task's private output directory. The task
+    holds that directory's lock as the sequential pipeline holds the output's, so that the notebook's own run does
+    not clear the executing notebook's temporary folder as a killed run's leftover."""
+    with study.output_lock(private):
+        notebook_path = str(private / ".notebook" / notebook)
+        _execute(notebook_path, private / target, {**parameters, "output_dir": str(private)}, print)
