@@ -116,23 +116,21 @@ OFFLINE_RETRIEVAL = {
 # 12.6-15.1 s (6.4-7.6 s), one decoded token at 1024 0.6-1.5 s wall (0.20-0.43 s); about 2.5-3.7x SmolLM2 (a
 # 1024-token prefill 2.4 s, a suffix pass with pruning 1.9 s, a token 70-90 ms), mostly its 262k-entry vocabulary
 # (the output layer is 168M of its 270M weights). Quiet-machine arithmetic:
-# - perplexity, both datasets, every press, ratios 0.5 and 0.7 (0.5 is where the issue saw the order change; 0.7
-#   separates the presses most; 0.1 and 0.3 barely move any): per window one shared prefill 2.8 s + KVzip's
-#   re-reading ~2.8 s per ratio + 23 cells (baseline + 11 presses x 2) x ~5 s = 124 s; x 8 windows x 2 datasets
-#   = 33 min (the whole 4-ratio grid would be 16 x 234 s = 62 min);
+# - perplexity, both datasets, every press, ratio 0.5 (where the issue saw the order change): per window one shared
+#   prefill 2.8 s + KVzip's re-reading ~2.8 s + 12 cells (baseline + 11 presses) x ~5 s = 66 s; x 8 windows x 2
+#   datasets = ~17 min (ratio 0.7 as well: 33 min; the whole 4-ratio grid 62 min);
 # - retrieval, PG-19, 3 presses at 0.5, 5 depths x 4 trials: per trial a 1024-token prefill 7 s + 4 cells x
 #   (question + 8 tokens, ~2.8 s) = 18 s; x 20 trials = 6 min;
-# - latency, PG-19, SnapKV and StreamingLLM at 0.5 against the baseline, 1 warm-up + 3 timed rounds: a run is a
-#   1024-token prefill 7 s + 32 tokens x 0.3 s = 16.6 s; 3 configurations x 4 rounds = 3.3 min. On Gemma a press
-#   prunes only the 3 global layers of 18, so decode time barely moves: three rounds show that, five add nothing;
-# - no context-length sweep: an 8192-token prefill would take ~3 x SmolLM2's 43 s, the sweep's 40 cells over 1.5 h.
-# Gemma: ~42 min + its first conversion (1 min) and tokenising; with SmolLM2's 67 min about 1 h 50 min in all.
+# - no latency rows and no context-length sweep: a press prunes only Gemma's 3 global layers of 18, so its decode
+#   time can move by a few percent at most, inside the ±10% timing noise of this machine, and an 8192-token prefill
+#   would take ~3 x SmolLM2's 43 s (the sweep's 40 cells over 1.5 h).
+# Gemma: ~24 min + its first conversion (1 min). The offline preset in all: SmolLM2's grid 67 min (measured) +
+# its precision rows ~20 min (below) + Gemma ~25 min = about 1 h 52 min, inside the 2-hour budget.
 GEMMA3_SHARE = ModelShare(
     "gemma3-270m",
     grid={
-        "ratios": [0.5, 0.7],
+        "ratios": [0.5],
         "sweeps": {
-            "latency": {"datasets": ["pg19"], "methods": ["snapkv", "streaming_llm"], "ratios": [0.5]},
             "retrieval": {
                 **OFFLINE_RETRIEVAL,
                 "methods": ["snapkv", "knorm", "streaming_llm"],

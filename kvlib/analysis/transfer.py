@@ -135,12 +135,15 @@ def kendall_tau(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         return (dx * dy).sum(-1) / np.sqrt(pairs_x * pairs_y)
 
 
+MIN_PRESSES = 3
+
+
 def compare(a: Group, b: Group) -> dict:
     """τ of the presses two groups share, with its 95% bootstrap interval (independent resamples of each)."""
     shared = sorted(set(a.methods) & set(b.methods))
     ia, ib = [a.methods.index(m) for m in shared], [b.methods.index(m) for m in shared]
     row = {"n_presses": len(shared), "n_windows_a": a.n_windows, "n_windows_b": b.n_windows}
-    if len(shared) < 2:
+    if len(shared) < MIN_PRESSES:  # two presses give τ = ±1 whatever the data: no ranking to compare
         return row | {"tau": math.nan, "tau_low": math.nan, "tau_high": math.nan}
     tau = float(kendall_tau(a.delta[ia], b.delta[ib]))
     replicates = kendall_tau(a.replicates[:, ia], b.replicates[:, ib])
