@@ -3,16 +3,14 @@ variants never mix, a killed quantized run resumes to the same table, a corrupt 
 
 import importlib.util
 import json
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from resume import killed_and_resumed
 
 from kvlib import cli
 from kvlib.cache import precision_names
@@ -100,19 +98,7 @@ def test_a_corrupt_quantized_cell_is_named(grid, tmp_path):
 def test_sigkill_then_resume_of_a_quantized_run(tiny_model_dir, data_dir, tmp_path):
     args = [sys.executable, "-m", "kvlib", "grid", "--model", str(tiny_model_dir), "--data_dir", str(data_dir),
             *FAST, "--kv_quant", "fp8", "quanto-int4", "--kv_quant_options", TINY_GROUPS]  # fmt: skip
-    clean = tmp_path / "clean"
-    subprocess.run([*args, "--output_dir", str(clean)], check=True, capture_output=True, cwd=REPO, timeout=300)
-    killed = tmp_path / "killed"
-    process = subprocess.Popen([*args, "--output_dir", str(killed)], cwd=REPO, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    for line in process.stderr:
-        if "cell(s):" in line or time.monotonic() > deadline:
-            break
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-    resumed = subprocess.run([*args, "--output_dir", str(killed)], capture_output=True, text=True, cwd=REPO,
-                             timeout=300)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    clean, killed = killed_and_resumed(args, tmp_path)
     columns = ["method", "compression_ratio", "kv_quant", "ppl", "ppl_delta", "kv_bytes", "kv_bytes_ratio"]
     name = "tiny-gpt-neox_wikitext_kv_metrics.csv"
     pd.testing.assert_frame_equal(pd.read_csv(killed / name)[columns], pd.read_csv(clean / name)[columns])

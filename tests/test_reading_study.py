@@ -1,16 +1,14 @@
 """The reading mode in the study (`--prefill_chunk`, `--positions`): wired through every kind's cache policy,
 validated before weights load, resumable, and equal to the one-shot prefill when a chunk holds the whole prefix."""
 
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from resume import killed_and_resumed
 
 from kvlib import cli
 
@@ -81,18 +79,6 @@ def test_chunk_fuzzing(capsys, tmp_path, monkeypatch, chunk):
 def test_sigkill_then_resume_of_a_chunked_run(tiny_model_dir, data_dir, tmp_path):
     args = [sys.executable, "-m", "kvlib", "grid", "--model", str(tiny_model_dir), "--data_dir", str(data_dir),
             *FAST, "--prefill_chunk", "64"]  # fmt: skip
-    clean = tmp_path / "clean"
-    subprocess.run([*args, "--output_dir", str(clean)], check=True, capture_output=True, cwd=REPO, timeout=300)
-    killed = tmp_path / "killed"
-    process = subprocess.Popen([*args, "--output_dir", str(killed)], cwd=REPO, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    for line in process.stderr:
-        if "cell(s):" in line or time.monotonic() > deadline:
-            break
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=30)
-    resumed = subprocess.run([*args, "--output_dir", str(killed)], capture_output=True, text=True, cwd=REPO,
-                             timeout=300)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    clean, killed = killed_and_resumed(args, tmp_path)
     columns = ["method", "compression_ratio", "prefill_chunk", "ppl", "ppl_delta", "kv_bytes"]
     pd.testing.assert_frame_equal(pd.read_csv(killed / TABLE)[columns], pd.read_csv(clean / TABLE)[columns])
