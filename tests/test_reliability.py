@@ -206,7 +206,7 @@ def test_committed_tables_pass_validation(tmp_path):
 
 @pytest.mark.parametrize("column, value", [("ppl", "abc"), ("tpot", "fast")])
 def test_plot_refuses_a_non_numeric_cell_naming_it(capsys, tmp_path, column, value):
-    (csv_path,) = [p for p in _copy_results(tmp_path, "*_pg19_kv_metrics.csv")]
+    (csv_path,) = [p for p in _copy_results(tmp_path, "smollm2_pg19_kv_metrics.csv")]
     rows = len(pd.read_csv(csv_path))
     _edit(csv_path, column, 3, value)
     code, out, err = run_cli(capsys, "plot", "--csv", csv_path)
@@ -222,7 +222,7 @@ def test_ratio_axis_shows_the_only_ratio_measured(tmp_path):
     vl_convert = pytest.importorskip("vl_convert")
     from kvlib.analysis import charts
 
-    (csv_path,) = _copy_results(tmp_path, "*_pg19_kv_metrics.csv")
+    (csv_path,) = _copy_results(tmp_path, "smollm2_pg19_kv_metrics.csv")
     table = pd.read_csv(csv_path)
     table = table[table.compression_ratio.isin([0.0, 0.5])]
     for chart in (charts.ppl_chart(table, interactive=False), charts.speed_chart(table, "tpot", interactive=False)):
