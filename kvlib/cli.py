@@ -111,6 +111,19 @@ def _protocol_flags(parser: argparse.ArgumentParser) -> None:
         "holds more than its budget + a chunk (default: one forward pass); the baseline is always one pass",
     )
     add(
+        "--kv_budget",
+        type=int,
+        default=None,
+        help="positions each full-attention layer keeps, instead of a ratio of the context (one ratio only); the "
+        "streaming kind's budget (default there: max_length)",
+    )
+    add(
+        "--stream_tokens",
+        type=int,
+        default=None,
+        help="streaming: tokens read from the start of the text (default: 4x the model's trained context)",
+    )
+    add(
         "--positions",
         default="original",
         choices=["original", "rerotate"],

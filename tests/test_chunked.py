@@ -215,8 +215,8 @@ def test_each_chunks_logits_can_be_handed_over_instead_of_kept():
     all_logits, _ = chunked_prefill(model, ids, press("tova"), 20, logits_to_keep=0)
     seen = []
     none, _ = chunked_prefill(model, ids, press("tova"), 20, on_chunk=lambda *chunk: seen.append(chunk))
-    assert none is None and [(start, end) for start, end, _ in seen] == chunk_bounds(PREFIX, 20)
-    assert torch.equal(torch.cat([logits for *_, logits in seen], dim=1), all_logits)
+    assert none is None and [(start, end) for start, end, *_ in seen] == chunk_bounds(PREFIX, 20)
+    assert torch.equal(torch.cat([logits for _, _, logits, _ in seen], dim=1), all_logits)
 
 
 @pytest.mark.parametrize("name", CHUNKABLE)

@@ -288,3 +288,14 @@ def test_kvzip_uses_the_tokenizer_and_chat_template_saved_with_the_model(tiny_mo
     with press(model), torch.no_grad():
         model(ids, cache=cache, use_cache=True)
     assert all(layer.keys.shape[-2] == n_kept(80, 0.5) for layer in cache.layers)
+
+
+def test_rotary_frequencies_accept_float32_tables_far_along_a_stream():
+    """Read at their original positions, the queries of a long stream sit ~30k positions along: float32 tables there
+    carry ~eps x 30k rad of rounding, which is not a non-linear rotation (streaming SmolLM2 hit this at 30k)."""
+    inv_freq = 1.0 / (100000 ** (torch.arange(0, 64, 2, dtype=torch.float32) / 64))
+    positions = torch.arange(31_744, 31_744 + 512, dtype=torch.float32)
+    angles = positions[:, None] * inv_freq  # float32, as transformers computes them
+    emb = torch.cat((angles, angles), dim=-1)[None]
+    _, step, _ = rotary_frequencies(emb.cos(), emb.sin())
+    torch.testing.assert_close(step[0], inv_freq.double(), rtol=0, atol=1e-5)

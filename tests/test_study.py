@@ -97,8 +97,10 @@ def test_smoke_preset_end_to_end(tmp_path, smoke_study):
         assert (output / f"tiny-gpt-neox_{dataset}_kv_metrics.csv").exists()
         assert (output / "plots" / dataset / f"tiny-gpt-neox_{dataset}_tpot_vs_compression.png").exists()
         executed = sorted(p.name for p in (output / "notebooks" / dataset).glob("*.ipynb"))
-        sweep = ["05_scaling.ipynb"] if dataset == "pg19" else []  # the smoke sweep runs on PG-19 only
-        assert executed == ["01_data_prep.ipynb", "02_ppl.ipynb", "03_latency.ipynb", *sweep, "06_retrieval.ipynb"]
+        pg19_only = ["05_scaling.ipynb"] if dataset == "pg19" else []  # the smoke sweeps run on PG-19 only
+        streaming = ["07_streaming.ipynb"] if dataset == "pg19" else []
+        assert executed == ["01_data_prep.ipynb", "02_ppl.ipynb", "03_latency.ipynb", *pg19_only,
+                            "06_retrieval.ipynb", *streaming]  # fmt: skip
         retrieval = pd.read_csv(output / f"tiny-gpt-neox_{dataset}_kv_retrieval.csv", dtype={"length": str})
         assert list(zip(retrieval.method, retrieval.length, strict=True)) == [
             (m, length) for m in ("none", "knorm", "snapkv") for length in ("640", "all")
@@ -112,6 +114,13 @@ def test_smoke_preset_end_to_end(tmp_path, smoke_study):
     assert sweep_table.bound_speedup.notna().all() and (sweep_table.peak_memory >= 0).all()
     assert (output / "tiny-gpt-neox_pg19_kv_scaling_records.csv").exists()
 
+    # Streaming perplexity: the references and the press at both position modes, on 1536 tokens.
+    stream = pd.read_csv(output / "tiny-gpt-neox_pg19_kv_streaming.csv")
+    assert sorted(zip(stream.method, stream.positions, strict=True)) == [
+        ("none", "original"), ("recompute", "original"), ("streaming_llm", "original"), ("streaming_llm", "rerotate"),
+        ("window", "original"), ("window", "rerotate")]  # fmt: skip
+    assert (stream.tokens == 1536).all() and (stream.kv_budget.dropna() == 128).all()
+
     html_path = output / "report.html"
     html = html_path.read_text()
     assert report.external_references(html) == []
@@ -120,6 +129,7 @@ def test_smoke_preset_end_to_end(tmp_path, smoke_study):
     assert "Observations" in html and "ratio 0.7: best" in html
     assert "Where compression pays" in html and "least squares over 2 lengths" in html
     assert "Needle retrieval: accuracy after compression" in html and "Retrieval vs perplexity" in html
+    assert "Reading past the trained context" in html and "Streaming perplexity" in html
 
     dom = render_in_chromium(html_path, tmp_path)
     charts = re.findall(r'<svg[^>]*class="marks"[^>]*width="(\d+)"', dom)

@@ -61,6 +61,15 @@ def chart_series(table: pd.DataFrame) -> pd.DataFrame:
     precision = table["kv_quant"].fillna("none").astype(str)
     method = table["method"].where(precision == "none", table["method"] + "+" + precision)
     method = method.where((table["method"] != "none") | (precision == "none"), precision)
+    # A press read another way (chunked, re-rotated, an absolute budget) is a series of its own, too.
+    if "prefill_chunk" in table:
+        chunk = table["prefill_chunk"]
+        method = method.where(chunk.isna(), method + " · chunks of " + chunk.fillna(0).astype(int).astype(str))
+    if "positions" in table:
+        method = method.where(table["positions"].fillna("original") == "original", method + " · re-rotated")
+    if "kv_budget" in table:
+        budget = table["kv_budget"]
+        method = method.where(budget.isna(), method + " · " + budget.fillna(0).astype(int).astype(str) + " kept")
     return table.assign(method=method)
 
 

@@ -34,7 +34,10 @@ SUMMARY_FILE = "summary.md"
 ESTIMATED_NOTE = "* estimated from the cache's length (this row's bytes were not recorded)."
 README_START, README_END = "<!-- summary:start -->", "<!-- summary:end -->"
 # Extra configuration axes other modules may add to the metrics table: column -> how a label names a value.
-EXTRA_AXES = {"prefill_chunk": lambda v: f"prefill in chunks of {int(v)}"}
+EXTRA_AXES = {
+    "prefill_chunk": lambda v: f"prefill in chunks of {int(v)}",
+    "kv_budget": lambda v: f"{int(v)} positions kept",
+}
 
 
 # ------------------------------------------------------------------------------------------------ the rows

@@ -41,9 +41,22 @@ def is_baseline(frame: pd.DataFrame) -> pd.Series:
     return (frame["method"] == BASELINE[0]) & (precision == BASELINE[2])
 
 
-def cell_key(cell: dict) -> tuple[str, float, str]:
-    """A result's row: (method, ratio, kv_quant); results stored before precisions existed are float (`none`)."""
-    return cell["method"], float(cell["compression_ratio"]), cell.get("kv_quant", "none")
+# How a prefix was read (kvlib.cache.chunked): (prefill_chunk, positions, kv_budget); the default is one forward
+# pass, original positions and the ratio's budget (and every result stored before reading modes existed).
+DEFAULT_READING = (None, "original", None)
+
+
+def reading_of(cell: dict) -> tuple[int | None, str, int | None]:
+    return cell.get("prefill_chunk"), cell.get("positions", "original"), cell.get("kv_budget")
+
+
+def cell_key(cell: dict) -> tuple:
+    """A result's row: (method, ratio, kv_quant, prefill_chunk, positions, kv_budget); results stored before
+    precisions existed are float (`none`), before reading modes one-shot."""
+    return (cell["method"], float(cell["compression_ratio"]), cell.get("kv_quant", "none"), *reading_of(cell))
+
+
+BASELINE_KEY = (*BASELINE, *DEFAULT_READING)
 
 
 METRIC_COLUMNS = [
@@ -89,7 +102,7 @@ def _timing_flag(runs: list[dict], baseline_runs: list[dict]) -> tuple[float, fl
 def metrics_table(cells: list[dict]) -> pd.DataFrame:
     """One row per method x ratio x cache precision (`kv_quant`) from `ppl` and `latency` results of one settings
     set; every Δ and speedup is against the float, uncompressed baseline."""
-    by_kind: dict[str, dict[tuple[str, float, str], dict]] = {"ppl": {}, "latency": {}}
+    by_kind: dict[str, dict[tuple, dict]] = {"ppl": {}, "latency": {}}
     for cell in cells:
         if cell["kind"] in by_kind:
             by_kind[cell["kind"]][cell_key(cell)] = cell
@@ -97,17 +110,18 @@ def metrics_table(cells: list[dict]) -> pd.DataFrame:
     order = {name: i for i, name in enumerate(PRECISION_ORDER)}
     keys = sorted(
         set(ppl_cells) | set(latency_cells),
-        key=lambda k: (k != BASELINE, order.get(k[2], len(order)), k[0] != "none", k[0], k[1]),
-    )
-    base_ppl = ppl_cells.get(BASELINE)
+        key=lambda k: (k != BASELINE_KEY, order.get(k[2], len(order)), k[0] != "none", k[0], k[1], k[3] or 0, k[4],
+                       k[5] or 0),
+    )  # fmt: skip
+    base_ppl = ppl_cells.get(BASELINE_KEY)
     rows = []
     for key in keys:
-        method, compression_ratio, precision = key
+        method, compression_ratio, precision, chunk, positions, budget = key
         row: dict[str, Any] = {"method": method, "compression_ratio": compression_ratio, "kv_quant": precision}
         ppl_cell, latency_cell = ppl_cells.get(key), latency_cells.get(key)
-        reading = ppl_cell or latency_cell
-        row["prefill_chunk"] = reading.get("prefill_chunk")  # None: one forward pass (and results before chunks)
-        row["positions"] = reading.get("positions", "original")
+        row["prefill_chunk"] = chunk  # None: one forward pass (and results before chunks)
+        row["positions"] = positions
+        row["kv_budget"] = budget  # None: the ratio's budget
         for cell in (ppl_cell, latency_cell):
             if cell:
                 row.update({"options": json.dumps(cell["options"], sort_keys=True), **cell["settings"]})
@@ -169,6 +183,10 @@ def window_records(cells: list[dict]) -> pd.DataFrame:
         frame.insert(1, "method", cell["method"])
         frame.insert(2, "compression_ratio", cell["compression_ratio"])
         frame.insert(3, "kv_quant", cell.get("kv_quant", "none"))
+        chunk, positions, budget = reading_of(cell)
+        frame.insert(4, "prefill_chunk", chunk)
+        frame.insert(5, "positions", positions)
+        frame.insert(6, "kv_budget", budget)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
@@ -181,11 +199,12 @@ METRIC_KINDS = ("ppl", "latency")
 def kind_builders() -> dict[str, tuple]:
     """kind -> (table builder, per-record builder), each taking that kind's stored cells: the one list of the
     kinds with a table of their own. Their modules import this one, so they are imported here when first asked."""
-    from kvlib.analysis import retrieval, scaling
+    from kvlib.analysis import retrieval, scaling, streaming
 
     return {
         scaling.KIND: (scaling.scaling_table, scaling.scaling_records),
         retrieval.KIND: (retrieval.retrieval_table, retrieval.retrieval_records),
+        streaming.KIND: (streaming.streaming_table, streaming.streaming_records),
     }
 
 

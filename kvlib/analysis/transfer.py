@@ -76,6 +76,13 @@ def ppl_records(windows_csv: str | os.PathLike) -> pd.DataFrame:
     records = validate.read_table(windows_csv, validate.WINDOW_RECORDS, "per-window records table")
     if "kind" in records:
         records = records[records["kind"] == "ppl"]
+    # The ranking compares presses read the study's default way: one forward pass at original positions.
+    if "prefill_chunk" in records:
+        records = records[records["prefill_chunk"].isna()]
+    if "positions" in records:
+        records = records[records["positions"].fillna("original") == "original"]
+    if "kv_budget" in records:
+        records = records[records["kv_budget"].isna()]
     records = records.copy()
     records["kv_quant"] = records["kv_quant"].fillna(FLOAT) if "kv_quant" in records else FLOAT
     records["compression_ratio"] = records["compression_ratio"].astype(float)

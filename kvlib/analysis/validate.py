@@ -220,6 +220,40 @@ WINDOW_RECORDS = (
 )
 
 
+# Streaming perplexity (`*_kv_streaming.csv`): one row per reading of the text.
+STREAMING = (
+    *_IDENTITY,
+    Column("method", TEXT, empty_ok=False),
+    Column("positions", TEXT, empty_ok=False),
+    Column("tokens", INTEGER, empty_ok=False, minimum=2),
+    Column("prefill_chunk", INTEGER, empty_ok=False, minimum=1),
+    Column("kv_budget", INTEGER, minimum=1),
+    Column("ppl", empty_ok=False, minimum=1),
+    Column("ci_low", minimum=1),
+    Column("ci_high", minimum=1),
+    Column("ppl_within", minimum=1),
+    Column("ppl_beyond", minimum=1),
+    Column("trained_context", INTEGER, minimum=1),
+    Column("ppl_vs_reference"),
+    Column("wall_time", empty_ok=False, minimum=0),
+    Column("time_vs_reference", minimum=0),
+    Column("peak_cache_bytes", INTEGER, empty_ok=False, minimum=0),
+    Column("peak_memory", minimum=0),
+)
+
+# One row per bucket of tokens of every reading (`*_kv_streaming_records.csv`).
+STREAMING_RECORDS = (
+    Column("method", TEXT, empty_ok=False),
+    Column("positions", TEXT, empty_ok=False),
+    Column("start", INTEGER, empty_ok=False, minimum=0),
+    Column("end", INTEGER, empty_ok=False, minimum=1),
+    Column("nll_sum", empty_ok=False, minimum=0),
+    Column("n_tokens", INTEGER, empty_ok=False, minimum=1),
+    Column("ppl", empty_ok=False, minimum=1),
+    Column("cache_bytes", INTEGER, empty_ok=False, minimum=0),
+)
+
+
 def check_retrieval_rows(table: pd.DataFrame, path: str | os.PathLike) -> None:
     """What the columns alone cannot say: every `length` is a token count or "all", and no row counts more correct
     answers than trials."""

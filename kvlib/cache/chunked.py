@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from kvlib.cache.feed import _mask_per_layer
+from kvlib.cache.feed import _mask_per_layer, layer_bytes
 from kvlib.cache.layers import is_sliding, new_cache
 from kvlib.cache.positions import check_positions, config_has_rotary, rerotate_cache
 
@@ -137,15 +137,17 @@ def chunked_prefill(
     kv_budget: int | None = None,
     positions: str = "original",
     logits_to_keep: int = 1,
-    on_chunk: Callable[[int, int, torch.Tensor], None] | None = None,
+    on_chunk: Callable[[int, int, torch.Tensor, int], None] | None = None,
 ) -> tuple[torch.Tensor | None, Cache]:
     """Prefill `ids` [batch, n] `chunk` tokens at a time, the press pruning every full-attention layer to its
     budget after each chunk; with `positions="rerotate"` the kept keys then take contiguous positions (see
     `kvlib.cache.positions`). Returns the last `logits_to_keep` logits (0: all) and the float cache;
     `press.last_report` holds the kept positions of the whole context (original token positions).
 
-    `on_chunk(start, end, logits)`, if given, receives every chunk's logits [batch, end - start, vocab], computed
-    with the cache as it stood when the chunk was read (before the press pruned it); they are not kept, and the
+    `on_chunk(start, end, logits, peak_bytes)`, if given, receives every chunk's logits [batch, end - start, vocab],
+    computed with the cache as it stood when the chunk was read, and the bytes the cache held once the chunk was in
+    it, before the press pruned it (its largest moment: every layer's bytes per position, from its tensors, times
+    the positions it held); the logits are not kept, and the
     prefill returns None for the logits (a long text scored token by token never holds all its logits)."""
     check_policy(press, chunk, kv_budget, positions)
     batch, length = ids.shape
@@ -175,14 +177,11 @@ def chunked_prefill(
                 output = model(
                     ids[:, start:end], cache=cache, use_cache=True, position_ids=position_ids, logits_to_keep=keep or 1
                 )
-            if on_chunk is not None:
-                on_chunk(start, end, output.logits)
-            elif keep:
-                pieces.append(output.logits)
-            del output
             kept = press.last_report.kept_indices if prunes else {}
+            peak_bytes = 0  # what the cache held at the end of this forward, before the press pruned it
             for layer_idx, layer in enumerate(cache.layers):
                 if is_sliding(layer):
+                    peak_bytes += layer_bytes(layer)
                     continue
                 heads = layer.keys.shape[1]
                 appended = torch.arange(size, device=ids.device).expand(batch, heads, size)
@@ -190,6 +189,13 @@ def chunked_prefill(
                     previous = held.get(layer_idx, appended[..., :0])
                     joined = torch.cat((previous, appended + first), dim=-1)
                     held[layer_idx] = joined if layer_idx not in kept else joined.gather(-1, kept[layer_idx])
+                # A float layer holds the same bytes per position before and after pruning.
+                peak_bytes += layer_bytes(layer) * joined.shape[-1] // max(1, layer.keys.shape[-2])
+            if on_chunk is not None:
+                on_chunk(start, end, output.logits, peak_bytes)
+            elif keep:
+                pieces.append(output.logits)
+            del output
             next_position += size
             if positions == "rerotate":
                 current, next_position = rerotate_cache(model, cache, current, next_position)

@@ -68,8 +68,13 @@ def _mask_per_layer(model: nn.Module, cache: Cache) -> Iterator[None]:
 def kv_bytes(cache: Cache) -> int:
     """Bytes the cache really holds: float keys and values, and for a quantized layer its packed integers, scales,
     zero points and full-precision residual, read from the backend's own tensors."""
+    return sum(layer_bytes(layer) for layer in cache.layers)
+
+
+def layer_bytes(layer) -> int:
+    """Bytes one cache layer holds (see `kv_bytes`)."""
     held = ("keys", "values", "_quantized_keys", "_quantized_values")
-    return sum(_tensor_bytes(getattr(layer, name, None)) for layer in cache.layers for name in held)
+    return sum(_tensor_bytes(getattr(layer, name, None)) for name in held)
 
 
 def _tensor_bytes(obj) -> int:

@@ -8,13 +8,15 @@ Every kind module has the same small surface, which is all the study dispatches 
   complete; a result is a JSON-able dict.
 Optional:
 - `min_windows(settings)`: how many token windows of `max_length` it needs (default 1);
+- `resolve(settings, trained_context)`: the settings with what the kind derives from the model's config filled in
+  (called once the config is read, before any text is read);
 - `LENGTHS`: a kind that sweeps the context length declares its default lengths; the study then measures it at
   each length of `settings.lengths` (else these), capped at the model's context, with `max_length` set to that
   length, so each of its results is identified by its own length. Its table: `analysis.tables.kind_table`.
 """
 
-from kvlib.measure import latency, ppl, retrieval, scaling
+from kvlib.measure import latency, ppl, retrieval, scaling, streaming
 
-KINDS = {"ppl": ppl, "latency": latency, "scaling": scaling, "retrieval": retrieval}
+KINDS = {"ppl": ppl, "latency": latency, "scaling": scaling, "retrieval": retrieval, "streaming": streaming}
 
-__all__ = ["KINDS", "latency", "ppl", "retrieval", "scaling"]
+__all__ = ["KINDS", "latency", "ppl", "retrieval", "scaling", "streaming"]

@@ -102,7 +102,11 @@ def policy(settings: Settings, method: str, ratio: float, precision: str) -> Cac
     if method == "none":
         return CachePolicy(press, storage(settings, precision))
     return CachePolicy(
-        press, storage(settings, precision), prefill_chunk=settings.prefill_chunk, positions=settings.positions
+        press,
+        storage(settings, precision),
+        prefill_chunk=settings.prefill_chunk,
+        kv_budget=settings.kv_budget,
+        positions=settings.positions,
     )
 
 
@@ -148,14 +152,22 @@ def pending_cells(settings, plan: DatasetPlan, model_id: dict, methods, ratios, 
     return pending
 
 
-def table_cells(settings: Settings, model_id: dict, plan: DatasetPlan, kinds: tuple[str, ...]) -> list[dict]:
-    """Every stored result of `kinds` whose identity is what this run's settings give for its method and ratio."""
+def table_cells(
+    settings: Settings, model_id: dict, plan: DatasetPlan, kinds: tuple[str, ...], any_reading: bool = False
+) -> list[dict]:
+    """Every stored result of `kinds` whose identity is what this run's settings give for its method, ratio and
+    precision (each cell's own, like the ratio) and, with `any_reading`, its own reading mode (prefill_chunk,
+    positions, kv_budget): the metrics table lists one-shot and chunked rows side by side."""
     chosen = []
     for kind in kinds:
         for cell in store.stored_cells(settings.output_dir, settings.model, plan.dataset, kind):
+            own = settings
+            if any_reading:
+                chunk, positions, budget = tables.reading_of(cell)
+                own = replace(settings, prefill_chunk=chunk, positions=positions, kv_budget=budget)
             try:
                 wanted = wanted_identity(
-                    settings, model_id, plan.text, kind, cell["method"], cell["compression_ratio"],
+                    own, model_id, plan.text, kind, cell["method"], cell["compression_ratio"],
                     cell.get("kv_quant", FLOAT),
                 )  # fmt: skip
             except ValueError:
@@ -173,7 +185,7 @@ def write_tables(settings: Settings, model_id: dict, plans: list[DatasetPlan], k
     for plan in plans:
         if not metric_kinds or plan.length != settings.max_length:
             continue
-        chosen = table_cells(settings, model_id, plan, tables.METRIC_KINDS)
+        chosen = table_cells(settings, model_id, plan, tables.METRIC_KINDS, any_reading=True)
         table = tables.metrics_table(chosen)
         paths = tables.table_paths(settings.output_dir, settings.model, plan.dataset)
         written += tables.write_table(table, paths["csv"], paths["json"])
@@ -223,6 +235,8 @@ def plan_run(settings: Settings, methods: list[str], ratios: list[float], kinds:
     device = settings.device or models.default_device()
     settings = replace(settings, device=device, dtype=settings.dtype or models.default_dtype(device))
     limit = check_context(settings)
+    for kind in kinds:  # settings a kind fills in from the model's config (the streaming kind's text length)
+        settings = getattr(KINDS[kind], "resolve", lambda settings, _: settings)(settings, limit)
     model_id = models.fingerprint(settings.model)
     tokenizer = models.load_tokenizer(settings.model)
     kinds_at: dict[int, list[str]] = {}
@@ -309,6 +323,7 @@ def measure_kind(settings, model, planned: RunPlan, plan: DatasetPlan, kind: str
             "kv_quant": precision,
             "prefill_chunk": policies[label].prefill_chunk,
             "positions": policies[label].positions,
+            "kv_budget": policies[label].kv_budget,
             "options": policies[label].press.options(),
             "settings": settings.for_kind(kind),
             "identity_columns": identity_columns,

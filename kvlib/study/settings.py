@@ -57,6 +57,12 @@ class Settings:
     # apply to the pressed cells; the baseline stays the plain one-shot prefill every row is compared with.
     prefill_chunk: int | None = None
     positions: str = "original"
+    # Positions each full-attention layer keeps, instead of a ratio of the context (pressed cells; one ratio only).
+    # The streaming kind compares every press at this budget (None there: max_length positions).
+    kv_budget: int | None = None
+    # Streaming perplexity (kind `streaming`): tokens read from the start of the dataset's token stream (None: 4x
+    # the model's trained context, resolved when its config is read).
+    stream_tokens: int | None = None
 
     def datasets(self) -> list[str]:
         return list(data.DATASETS) if self.dataset == "all" else [self.dataset]
@@ -127,8 +133,14 @@ def validate(settings: Settings, methods: list[str], ratios: list[float], kinds:
     for precision in settings.kv_quant:
         storage(settings, precision).check_backend()
     presses = [build_press(settings, method, ratio) for method, ratio, _ in cells(methods, ratios)]
+    if settings.kv_budget is not None and len({ratio for ratio in ratios}) > 1:
+        raise ValueError(
+            f"kv_budget {settings.kv_budget} replaces the compression ratio (every press keeps that many positions); "
+            f"give one ratio, not {sorted(set(ratios))}"
+        )
     for press in presses:
-        check_policy(press, settings.prefill_chunk, None, settings.positions)
+        pressed = press.name != "none"
+        check_policy(press, settings.prefill_chunk, settings.kv_budget if pressed else None, settings.positions)
     for kind in kinds:
         swept = hasattr(KINDS[kind], "LENGTHS")
         for length in (settings.lengths or KINDS[kind].LENGTHS) if swept else [settings.max_length]:
