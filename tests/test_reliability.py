@@ -309,7 +309,7 @@ def test_measure_imports_no_analysis_and_analysis_no_torch():
     code = (
         "import sys\n"
         "from kvlib.analysis import tables, validate, report\n"
-        "assert set(tables.kind_builders()) == {'scaling', 'retrieval'}\n"
+        "assert set(tables.kind_builders()) == {'scaling', 'retrieval', 'streaming'}\n"
         "assert 'torch' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
