@@ -113,7 +113,7 @@ def check(settings, presses: list[Press]) -> None:
             check_policy(press, size, positions, context_length=stream)
 
 
-def _cells(settings, policy: CachePolicy, has_rotary: bool) -> list[tuple[str, str, CachePolicy | None]]:
+def _readings(settings, policy: CachePolicy, has_rotary: bool) -> list[tuple[str, str, CachePolicy | None]]:
     """(method, positions, policy) of every reading of one cell; the recompute reference has no policy."""
     size, positions = chunk(settings), budget(settings)
     modes = POSITION_MODES if has_rotary else ("original",)
@@ -209,7 +209,7 @@ def measure(
     has_rotary = config_has_rotary(model.config)
     for label, policy in policies.items():
         readings = []
-        for method, mode, reading in _cells(settings, policy, has_rotary):
+        for method, mode, reading in _readings(settings, policy, has_rotary):
             started = time.perf_counter()
             with PeakMemory(device) as peak:
                 scores = read(model, ids, reading) if reading is not None else recompute(model, ids, size, positions)
