@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from kvlib.analysis import validate
+from kvlib.stats import perplexity
 
 KIND = "streaming"
 REFERENCE = "recompute"
@@ -47,8 +48,8 @@ RECORD_COLUMNS = ["method", "positions", "bucket", "start", "end", "nll_sum", "n
 
 
 def _ppl(records: list[dict]) -> float:
-    tokens = sum(r["n_tokens"] for r in records)
-    return float(np.exp(sum(r["nll_sum"] for r in records) / tokens)) if tokens else np.nan
+    """`kvlib.stats.perplexity`, NaN for no records (a stream that never passes the trained context)."""
+    return perplexity(records) if records else np.nan
 
 
 def bucket_interval(records: list[dict], seed: int = 0) -> tuple[float, float]:

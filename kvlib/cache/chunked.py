@@ -181,7 +181,7 @@ def chunked_prefill(
             peak_bytes = 0  # what the cache held at the end of this forward, before the press pruned it
             for layer_idx, layer in enumerate(cache.layers):
                 if is_sliding(layer):
-                    peak_bytes += layer_bytes(layer)
+                    peak_bytes += layer_bytes(layer) if on_chunk is not None else 0
                     continue
                 heads = layer.keys.shape[1]
                 appended = torch.arange(size, device=ids.device).expand(batch, heads, size)
@@ -189,8 +189,8 @@ def chunked_prefill(
                     previous = held.get(layer_idx, appended[..., :0])
                     joined = torch.cat((previous, appended + first), dim=-1)
                     held[layer_idx] = joined if layer_idx not in kept else joined.gather(-1, kept[layer_idx])
-                # A float layer holds the same bytes per position before and after pruning.
-                peak_bytes += layer_bytes(layer) * joined.shape[-1] // max(1, layer.keys.shape[-2])
+                if on_chunk is not None:  # a float layer holds the same bytes per position before and after pruning
+                    peak_bytes += layer_bytes(layer) * joined.shape[-1] // max(1, layer.keys.shape[-2])
             if on_chunk is not None:
                 on_chunk(start, end, output.logits, peak_bytes)
             elif keep:
