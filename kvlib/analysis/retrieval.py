@@ -15,7 +15,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from kvlib.analysis import charts, validate
+from kvlib.analysis import charts, tables, validate
 from kvlib.analysis.stats import wilson_interval
 
 KIND = "retrieval"
@@ -230,8 +230,12 @@ def ranking_comparison(retrieval: pd.DataFrame, metrics: pd.DataFrame) -> pd.Dat
     (smallest first), and the Spearman correlation of the two rankings (1: the same order)."""
     if retrieval.empty or metrics.empty or "ppl_delta" not in metrics:
         return pd.DataFrame()
-    left = retrieval[(retrieval["length"].astype(str) == ALL) & (retrieval["method"] != "none")]
-    right = metrics[metrics["method"] != "none"][["model", "dataset", "method", "compression_ratio", "ppl_delta"]]
+    left = retrieval[(retrieval["length"].astype(str) == ALL) & (retrieval["method"] != "none")].copy()
+    right = metrics[(metrics["method"] != "none") & tables.default_reading(metrics)].copy()
+    for frame in (left, right):  # a press at a precision is its own row (tables before precisions: float)
+        quant = frame["kv_quant"].fillna("none") if "kv_quant" in frame else "none"
+        frame["method"] = frame["method"].where(quant == "none", frame["method"] + "+" + quant)
+    right = right[["model", "dataset", "method", "compression_ratio", "ppl_delta"]]
     joined = left.merge(right, on=["model", "dataset", "method", "compression_ratio"]).dropna(subset=["ppl_delta"])
     rows = []
     for (model, dataset, ratio), group in joined.groupby(["model", "dataset", "compression_ratio"]):
@@ -257,7 +261,9 @@ def observations(comparison: pd.DataFrame) -> str:
     if comparison.empty:
         return "No ratio has both retrieval and perplexity results for two or more methods: nothing to compare."
     lines = []
+    several = comparison["model"].nunique() > 1
     for row in comparison.itertuples():
+        where = f"{row.model} · {row.dataset}" if several else row.dataset
         if np.isnan(row.spearman):
             agreement = "Spearman ρ undefined: every method ties on one of the two measures"
         elif row.spearman > 0.8:
@@ -268,7 +274,7 @@ def observations(comparison: pd.DataFrame) -> str:
                 "keeps the needle"
             )
         lines.append(
-            f"- **{row.dataset}, ratio {row.compression_ratio:g}** ({row.methods} methods; {agreement}).  \n"
+            f"- **{where}, ratio {row.compression_ratio:g}** ({row.methods} methods; {agreement}).  \n"
             f"  by retrieval: {row.by_retrieval}  \n  by Δ perplexity: {row.by_ppl_delta}"
         )
     return "\n".join(lines)

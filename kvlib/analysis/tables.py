@@ -59,6 +59,18 @@ def cell_key(cell: dict) -> tuple:
 BASELINE_KEY = (*BASELINE, *DEFAULT_READING)
 
 
+def default_reading(frame: pd.DataFrame) -> pd.Series:
+    """Rows read the study's default way: one forward pass, original positions, the ratio's budget (tables written
+    before reading modes existed: every row)."""
+    plain = pd.Series(True, index=frame.index)
+    for column in ("prefill_chunk", "kv_budget"):
+        if column in frame:
+            plain &= frame[column].isna()
+    if "positions" in frame:
+        plain &= frame["positions"].fillna("original") == "original"
+    return plain
+
+
 METRIC_COLUMNS = [
     "method",
     "compression_ratio",

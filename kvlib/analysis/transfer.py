@@ -25,7 +25,7 @@ import altair as alt
 import numpy as np
 import pandas as pd
 
-from kvlib.analysis import validate
+from kvlib.analysis import tables, validate
 from kvlib.analysis.charts import method_color, method_shape
 from kvlib.analysis.stats import BOOTSTRAP_SAMPLES
 
@@ -77,13 +77,7 @@ def ppl_records(windows_csv: str | os.PathLike) -> pd.DataFrame:
     if "kind" in records:
         records = records[records["kind"] == "ppl"]
     # The ranking compares presses read the study's default way: one forward pass at original positions.
-    if "prefill_chunk" in records:
-        records = records[records["prefill_chunk"].isna()]
-    if "positions" in records:
-        records = records[records["positions"].fillna("original") == "original"]
-    if "kv_budget" in records:
-        records = records[records["kv_budget"].isna()]
-    records = records.copy()
+    records = records[tables.default_reading(records)].copy()
     records["kv_quant"] = records["kv_quant"].fillna(FLOAT) if "kv_quant" in records else FLOAT
     records["compression_ratio"] = records["compression_ratio"].astype(float)
     return records[["method", "compression_ratio", "kv_quant", "window", "nll_sum", "n_tokens"]]
