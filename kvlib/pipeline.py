@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import os
 import time
@@ -504,9 +505,14 @@ def _settings_overrides(parameters: dict) -> dict:
 
 
 def run_sequentially(
-    jobs: list[NotebookJob], log: Callable[[str], None], started: float, progress: StudyProgress | None = None
+    jobs: list[NotebookJob],
+    log: Callable[[str], None],
+    started: float,
+    progress: StudyProgress | None = None,
+    times: RunTimes | None = None,
 ) -> list[Path]:
-    """The default executor: one notebook after the other, in this process's machine."""
+    """The default executor: one notebook after the other, in this process's machine; each notebook's wall time
+    goes to `times`."""
     written = []
     for job in jobs:
         log(f"== {job.label} (elapsed {time.perf_counter() - started:.0f} s)")
@@ -516,8 +522,56 @@ def run_sequentially(
             # Keep the executed copy that measured these cells rather than a run that only reads them back.
             log(f"  skipped: every cell is stored and {job.target} is the notebook that measured them")
             continue
+        job_started = time.perf_counter()
         written.append(_execute(job.notebook, job.target, job.parameters, log))
+        if times is not None:
+            times.add(job_step(job), job.label, job.pending, time.perf_counter() - job_started)
     return written
+
+
+def job_step(job: NotebookJob) -> str:
+    """The step of the run a notebook belongs to, for the run's times: its model (when the study has several),
+    what it does, and whether it is one of the preset's variants (precision or reading-mode jobs)."""
+    model = job.label.split(":")[0].rpartition("/")[0]
+    what = {"01_data_prep.ipynb": "text", "04_analysis.ipynb": "report"}.get(job.notebook) or _KIND_OF[job.notebook]
+    variant = " (variants)" if job.target.name.startswith("variant") else ""
+    return f"{model + ' ' if model else ''}{what}{variant}"
+
+
+@dataclass
+class RunTimes:
+    """The wall time of each step of one run, written to `<output>/logs/run-times-<time>.csv` at its end (step,
+    what, cells measured, seconds, elapsed at its end) and summed per step in the run's last lines; the first
+    report's time is a step of its own. benchmarks/offline_budget.py reads the file."""
+
+    started: float
+    rows: list[dict] = field(default_factory=list)
+
+    def add(self, step: str, what: str, cells: int, seconds: float) -> None:
+        elapsed = time.perf_counter() - self.started
+        self.rows.append({"step": step, "what": what, "cells": cells, "seconds": round(seconds, 1),
+                          "elapsed": round(elapsed, 1)})  # fmt: skip
+
+    def write(self, path: Path) -> Path:
+        import csv
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["step", "what", "cells", "seconds", "elapsed"])
+            writer.writeheader()
+            writer.writerows(self.rows)
+        return path
+
+    def summary(self) -> list[str]:
+        """One line per step, in the order the steps first ran: minutes, notebooks, cells."""
+        steps: dict[str, list[dict]] = {}
+        for row in self.rows:
+            steps.setdefault(row["step"], []).append(row)
+        lines = []
+        for step, rows in steps.items():
+            minutes = sum(row["seconds"] for row in rows) / 60
+            lines.append(f"  {step}: {minutes:.1f} min ({len(rows)} run(s), {sum(row['cells'] for row in rows)} cells)")
+        return lines
 
 
 _KIND_OF = {notebook: kind for kind, notebook in NOTEBOOK_OF.items()}
@@ -579,10 +633,15 @@ def _run_stages(name, preset, settings, output, log, executor, started, progress
     run_stage = functools.partial(run_sequentially, progress=progress)
     if executor == "ray":
         run_stage = functools.partial(run_on_ray, output=output, model=settings.model, failed=failed)
+    times = RunTimes(started)
+    if executor != "ray":
+        run_stage = functools.partial(run_stage, times=times)
     written: list[Path] = []
-    # Quality first, and a first report as soon as it is stored, when timing or sweeps are still to measure: the
-    # answer's quality half comes long before the run ends (sequentially; Ray runs a stage's notebooks at once).
-    quality = [job for job in measure if _KIND_OF.get(job.notebook) == "ppl"] if executor != "ray" else []
+    # Quality first, and a first report as soon as the first model's perplexity grid is stored, when anything is
+    # still to measure: the answer's quality half comes long before the run ends (sequentially; Ray runs a stage's
+    # notebooks at once). The first model's perplexity notebooks lead its jobs (study_jobs).
+    quality = list(itertools.takewhile(lambda job: _KIND_OF.get(job.notebook) == "ppl", measure))
+    quality = quality if executor != "ray" else []
     rest = [job for job in measure if job not in quality]
     early = any(job.pending for job in quality) and any(job.pending for job in rest)
     for stage, jobs in (("preparing text", prepare), ("measuring", quality), ("measuring", rest)):
@@ -590,12 +649,20 @@ def _run_stages(name, preset, settings, output, log, executor, started, progress
             continue
         if progress is not None and executor == "ray":
             progress.stage(stage, f"{len(jobs)} notebooks as Ray tasks")  # cells appear when the stage ends
+        stage_started = time.perf_counter()
         written += run_stage(jobs, log, started)
+        if executor == "ray":
+            times.add(stage, f"{len(jobs)} notebooks as Ray tasks", sum(job.pending for job in jobs),
+                      time.perf_counter() - stage_started)  # fmt: skip
         if early and jobs is quality:
+            report_started = time.perf_counter()
             _first_report(output, analysis, log, started, progress)
+            times.add("first report", "analysis notebook and report files", 0, time.perf_counter() - report_started)
     try:
+        report_started = time.perf_counter()
         written += run_sequentially(analysis, log, started, progress)
         written += write_report_files(output, analysis[0].target, log, name)
+        times.add("report", "analysis notebook and report files", 0, time.perf_counter() - report_started)
         for model_preset, model_settings in model_runs(preset, settings):
             for dataset in model_preset.datasets:
                 written += charts.save_pngs(tables.table_paths(output, model_settings.model, dataset)["csv"], "tpot")
@@ -603,7 +670,13 @@ def _run_stages(name, preset, settings, output, log, executor, started, progress
         if not failed:
             raise
         failed["analysis"] = executors.error_line(error)  # likely a consequence of the failures above
-    log(f"study '{name}' finished in {time.perf_counter() - started:.0f} s")
+    path = times.write(output / "logs" / f"run-times-{time.strftime('%Y%m%d-%H%M%S')}.csv")
+    lines = [f"study '{name}' finished in {time.perf_counter() - started:.0f} s; minutes per step ({path}):",
+             *times.summary()]  # fmt: skip
+    for line in lines:
+        log(line)
+        if progress is not None:  # the log goes to a file while the display shows
+            progress.log(line)
     if failed:
         raise executors.TasksFailed(failed, written)
     return written

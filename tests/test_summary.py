@@ -257,7 +257,7 @@ def test_a_first_report_follows_the_quality_results_when_timing_is_still_to_meas
 
     calls: list[str] = []
 
-    def run(jobs, log, started, progress=None):
+    def run(jobs, log, started, progress=None, times=None):
         calls.extend(job.label for job in jobs)
         return []
 
@@ -278,3 +278,36 @@ def test_a_first_report_follows_the_quality_results_when_timing_is_still_to_meas
     calls.clear()
     pipeline._run_stages("x", None, None, tmp_path, lambda m: None, "sequential", 0.0, None, stages(0))
     assert calls == ["01_data_prep", "02_ppl", "03_latency", "04_analysis", "report files"]
+
+
+def test_a_run_writes_the_minutes_of_each_step_and_reports_after_the_first_models_perplexity(tmp_path, monkeypatch):
+    from kvlib import pipeline
+
+    executed: list[str] = []
+    monkeypatch.setattr(pipeline, "_execute", lambda notebook, target, parameters, log: executed.append(target.name)
+                        or target)  # fmt: skip
+    monkeypatch.setattr(pipeline, "write_report_files", lambda *args, **kwargs: executed.append("report files") or [])
+    monkeypatch.setattr(pipeline, "model_runs", lambda preset, settings: [])
+
+    def job(model: str, notebook: str, name: str | None = None) -> pipeline.NotebookJob:
+        target = tmp_path / model / (name or notebook)
+        return pipeline.NotebookJob(notebook, target, {}, 2, f"{model}/pg19: {target.name}")
+
+    prepare = [job("smollm2", "01_data_prep.ipynb"), job("gemma", "01_data_prep.ipynb")]
+    measure = [job("smollm2", "02_ppl.ipynb"), job("smollm2", "03_latency.ipynb"),
+               job("smollm2", "02_ppl.ipynb", "variant1_02_ppl.ipynb"), job("gemma", "02_ppl.ipynb")]  # fmt: skip
+    analysis = [pipeline.NotebookJob("04_analysis.ipynb", tmp_path / "04_analysis.ipynb", {}, 1, "analysis")]
+    lines: list[str] = []
+    pipeline._run_stages("x", None, None, tmp_path, lines.append, "sequential", 0.0, None, (prepare, measure, analysis))
+
+    # The first report follows the first model's perplexity alone, not every perplexity notebook of the run.
+    assert executed[:5] == ["01_data_prep.ipynb", "01_data_prep.ipynb", "02_ppl.ipynb", "04_analysis.ipynb",
+                            "report files"]  # fmt: skip
+    (path,) = (tmp_path / "logs").glob("run-times-*.csv")
+    times = pd.read_csv(path)
+    assert list(times["step"]) == ["smollm2 text", "gemma text", "smollm2 ppl", "first report", "smollm2 latency",
+                                   "smollm2 ppl (variants)", "gemma ppl", "report"]  # fmt: skip
+    assert list(times["cells"])[:3] == [2, 2, 2] and (times["seconds"] >= 0).all()
+    assert times["elapsed"].is_monotonic_increasing
+    assert lines[-9].startswith("study 'x' finished in") and str(path) in lines[-9]
+    assert lines[-8] == "  smollm2 text: 0.0 min (1 run(s), 2 cells)" and lines[-1].startswith("  report: ")
