@@ -5,6 +5,7 @@ import math
 
 import pandas as pd
 import pytest
+from cli_run import run_cli
 
 from kvlib import cli
 from kvlib.analysis import tables
@@ -29,12 +30,6 @@ COLUMNS = [
 ]
 EVALUATE_KNORM = ["evaluate", "--method", "knorm", "--compression_ratio", "0.5"]
 FAST = ["--max_length", "320", "--n_ppl", "2", "--n_timing", "2", "--warmup_times", "1", "--gen_tokens", "3"]
-
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 @pytest.fixture

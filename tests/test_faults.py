@@ -13,21 +13,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from cli_run import cli_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvlib import cli
 from kvlib.models import write_tiny_model
 from kvlib.study import output_lock
 
 FAST = ["--n_ppl", "2", "--n_timing", "2", "--warmup_times", "1", "--gen_tokens", "3", "--kinds", "ppl"]
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.err
 
 
 def table(folder: Path, model: str = "tiny-gpt-neox", dataset: str = "wikitext") -> pd.DataFrame:
@@ -41,7 +35,9 @@ def cell_files(folder: Path) -> dict[Path, int]:
 @pytest.fixture
 def grid(capsys, tiny_model_dir, data_dir, tmp_path):
     def run(*extra, model=tiny_model_dir, output=tmp_path / "out"):
-        return run_cli(capsys, "grid", "--model", model, "--data_dir", data_dir, "--output_dir", output, *FAST, *extra)
+        return cli_error(
+            capsys, "grid", "--model", model, "--data_dir", data_dir, "--output_dir", output, *FAST, *extra
+        )
 
     return run
 
@@ -110,7 +106,7 @@ def test_ratios_are_identified_exactly(grid, tmp_path):
     ],
 )
 def test_bad_press_options_fail_before_anything_loads(capsys, tmp_path, options, message):
-    code, err = run_cli(capsys, "grid", "--model", "no/such-model", "--output_dir", tmp_path / "out",
+    code, err = cli_error(capsys, "grid", "--model", "no/such-model", "--output_dir", tmp_path / "out",
                         "--press_options", json.dumps(options))  # fmt: skip
     assert code == 2 and err.strip() == f"error: {message}"
     assert not (tmp_path / "out").exists()
@@ -127,7 +123,7 @@ def test_bad_press_options_fail_before_anything_loads(capsys, tmp_path, options,
     ],
 )
 def test_bad_settings_fail_with_one_line(capsys, tmp_path, flags, message):
-    code, err = run_cli(capsys, "grid", "--model", "no/such-model", "--output_dir", tmp_path / "out", *flags)
+    code, err = cli_error(capsys, "grid", "--model", "no/such-model", "--output_dir", tmp_path / "out", *flags)
     assert code == 2 and message in err and err.count("\n") == 1, err
 
 
@@ -139,7 +135,7 @@ def test_bad_settings_fail_with_one_line(capsys, tmp_path, flags, message):
 def test_numeric_flags_never_give_a_traceback(capsys, tmp_path, monkeypatch, flag, value):
     """Any integer: either a one-line message naming the flag, or past validation to the (missing) model."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, err = run_cli(capsys, "grid", "--model", str(tmp_path / "no-model"), "--output_dir", tmp_path / "o",
+    code, err = cli_error(capsys, "grid", "--model", str(tmp_path / "no-model"), "--output_dir", tmp_path / "o",
                         flag, str(value))  # fmt: skip
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert any(word in err for word in (flag.strip("-"), "no-model", "exceeds", "prefix")), err
@@ -181,7 +177,7 @@ def test_bad_text_files_are_named(capsys, tiny_model_dir, data_dir, tmp_path, co
     shutil.copytree(data_dir / "pg19", local / "pg19")
     (local / "wikitext-2-raw-v1").mkdir()
     (local / "wikitext-2-raw-v1" / "wiki.test.raw").write_bytes(content)
-    code, err = run_cli(capsys, "grid", "--model", tiny_model_dir, "--data_dir", local, "--output_dir",
+    code, err = cli_error(capsys, "grid", "--model", tiny_model_dir, "--data_dir", local, "--output_dir",
                         tmp_path / "out", *FAST)  # fmt: skip
     assert code == 2 and "wiki.test.raw" in err and err.count("\n") == 1, err
 
@@ -190,7 +186,7 @@ def test_every_dataset_is_checked_before_the_first_is_measured(capsys, tiny_mode
     local = tmp_path / "data"
     shutil.copytree(data_dir / "wikitext-2-raw-v1", local / "wikitext-2-raw-v1")
     (local / "pg19" / "test").mkdir(parents=True)  # no books
-    code, err = run_cli(capsys, "grid", "--model", tiny_model_dir, "--data_dir", local, "--dataset", "all",
+    code, err = cli_error(capsys, "grid", "--model", tiny_model_dir, "--data_dir", local, "--dataset", "all",
                         "--output_dir", tmp_path / "out", *FAST)  # fmt: skip
     assert code == 2 and "no PG-19 books" in err
     assert not (tmp_path / "out" / "cells").exists()
@@ -199,7 +195,7 @@ def test_every_dataset_is_checked_before_the_first_is_measured(capsys, tiny_mode
 def test_plot_refuses_a_foreign_csv(capsys, tmp_path):
     foreign = tmp_path / "other.csv"
     foreign.write_text("a,b\n1,2\n")
-    code, err = run_cli(capsys, "plot", "--csv", foreign)
+    code, err = cli_error(capsys, "plot", "--csv", foreign)
     assert code == 2 and f"{foreign} is not a kvlib metrics table" in err
 
 

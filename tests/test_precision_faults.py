@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from cli_run import cli_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from resume import killed_and_resumed
 
-from kvlib import cli
 from kvlib.cache import precision_names
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,15 +20,10 @@ FAST = ["--max_length", "320", "--n_ppl", "2", "--kinds", "ppl", "--methods", "k
 TINY_GROUPS = '{"q_group_size": 16}'  # the tiny model's heads have 16 dimensions
 
 
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    return code, capsys.readouterr().err
-
-
 @pytest.fixture
 def grid(capsys, tiny_model_dir, data_dir, tmp_path):
     def run(*extra, output=tmp_path / "out"):
-        return run_cli(capsys, "grid", "--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", output,
+        return cli_error(capsys, "grid", "--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", output,
                        *FAST, *extra)  # fmt: skip
 
     return run
@@ -68,7 +63,7 @@ def test_a_missing_backend_names_the_package(grid, monkeypatch):
 def test_precision_fuzzing(capsys, tmp_path, monkeypatch, value):
     """Any value: past validation to the (missing) model, or one line naming kv_quant and what is allowed."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, err = run_cli(capsys, "grid", "--model", str(tmp_path / "no-model"), "--output_dir", tmp_path / "o",
+    code, err = cli_error(capsys, "grid", "--model", str(tmp_path / "no-model"), "--output_dir", tmp_path / "o",
                         f"--kv_quant={value}")  # fmt: skip
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert ("no-model" in err) == (value in precision_names()), err

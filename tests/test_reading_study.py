@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from cli_run import cli_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from resume import killed_and_resumed
-
-from kvlib import cli
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--max_length", "512", "--n_ppl", "2", "--kinds", "ppl", "--methods", "knorm", "streaming_llm", "--ratios",
@@ -18,15 +17,10 @@ FAST = ["--max_length", "512", "--n_ppl", "2", "--kinds", "ppl", "--methods", "k
 TABLE = "tiny-gpt-neox_wikitext_kv_metrics.csv"
 
 
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    return code, capsys.readouterr().err
-
-
 @pytest.fixture
 def grid(capsys, tiny_model_dir, data_dir, tmp_path):
     def run(*extra, output=tmp_path / "out"):
-        return run_cli(capsys, "grid", "--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", output,
+        return cli_error(capsys, "grid", "--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", output,
                        *FAST, *extra)  # fmt: skip
 
     return run
@@ -84,7 +78,7 @@ def test_bad_reading_settings_fail_with_one_line(grid, tmp_path, flags, message)
 def test_chunk_fuzzing(capsys, tmp_path, monkeypatch, chunk):
     """Any integer: past validation to the (missing) model, or one line naming prefill_chunk."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    code, err = run_cli(capsys, "grid", "--model", str(tmp_path / "no-model"), "--output_dir", tmp_path / "o",
+    code, err = cli_error(capsys, "grid", "--model", str(tmp_path / "no-model"), "--output_dir", tmp_path / "o",
                         "--methods", "knorm", "--prefill_chunk", str(chunk))  # fmt: skip
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
     assert ("prefill_chunk" in err) == (chunk < 1), err

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from cli_run import run_cli
 
 from kvlib import cli
 
@@ -20,12 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "results"
 FAST = ["--n_ppl", "2", "--n_timing", "2", "--warmup_times", "0", "--gen_tokens", "3", "--max_samples", "2",
         "--pg19_max_chars", "60000"]  # fmt: skip
-
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def free_port() -> int:

@@ -6,9 +6,10 @@ import math
 import pandas as pd
 import pytest
 import torch
+from cli_run import run_cli
 from tiny_models import tiny_model
 
-from kvlib import cli, load_press
+from kvlib import load_press
 from kvlib.analysis import scaling, tables
 from kvlib.cache import new_cache
 from kvlib.measure.memory import PeakMemory
@@ -138,12 +139,6 @@ def test_pruned_caches_are_contiguous():
 
 
 # ------------------------------------------------------------------------------------------ the command
-
-
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 FAST = ["--n_timing", "2", "--warmup_times", "0", "--gen_tokens", "3", "--pg19_max_chars", "60000"]

@@ -12,10 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from cli_run import cli_error
 from tiny_models import VOCAB, tiny_model
 from torch.nn import functional as F
 
-from kvlib import cli, load_press
+from kvlib import load_press
 from kvlib.cache import CachePolicy, kv_bytes
 from kvlib.cache.chunked import chunk_bounds
 from kvlib.cache.layers import new_cache
@@ -93,15 +94,10 @@ def test_a_bounded_stream_holds_at_most_budget_plus_chunk_and_stays_flat(monkeyp
 STUDY = ["--dataset", "pg19", "--kinds", "streaming", "--max_length", "512", "--max_samples", "8", "--ratios", "0.5"]
 
 
-def run_cli(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    return code, capsys.readouterr().err
-
-
 @pytest.fixture
 def stream_run(capsys, tiny_model_dir, data_dir, tmp_path):
     def run(*extra, output=tmp_path / "out"):
-        return run_cli(capsys, "grid", "--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", output,
+        return cli_error(capsys, "grid", "--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", output,
                        *STUDY, *extra)  # fmt: skip
 
     return run
