@@ -9,11 +9,23 @@ prints the time the preset's perplexity and latency measurements need at the lea
 n_ppl x (shared prefill + every cell's pruning and suffix pass), latency = datasets x (warm-up + timed rounds) x
 timed configurations x one generation. Model loads, data preparation, notebooks and the report come on top.
 Run it alone on the machine.
+
+    .venv/bin/python benchmarks/offline_budget.py --run DIR
+
+reads a finished run of the preset instead (`python -m kvlib study --preset offline --output_dir DIR`, from an
+empty DIR to time all of it): its wall time per step (DIR/logs/run-times-*.csv, the newest), the time to its first
+report, and its measured compute floor, the measuring time of the cells it stored (each group of cells from the
+start of its measurement to its last cell: model loads, text preparation, notebook starts and reports come on top).
+Targets: wall / floor <= 1.10, the first report within 30% of the wall time.
 """
 
 from __future__ import annotations
 
+import argparse
+import csv
 import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +34,58 @@ from common import machine_line, wikitext_windows
 import kvlib
 from kvlib import models, pipeline, study
 from kvlib.measure import latency, ppl
+from kvlib.progress import group_seconds
+
+WALL_OVER_FLOOR = 1.10  # targets (issue: answer first)
+FIRST_REPORT_SHARE = 0.30
+
+
+def run_budget(output: Path) -> None:
+    """The wall time of a finished run against the measuring time of the cells it stored."""
+    found = sorted((output / "logs").glob("run-times-*.csv"))
+    if not found:
+        raise SystemExit(f"no run-times-*.csv in {output / 'logs'}: run `python -m kvlib study --preset offline "
+                         f"--output_dir {output}` to the end first")  # fmt: skip
+    path = found[-1]
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    wall = max(float(row["elapsed"]) for row in rows)
+    # The cells this run measured: groups created since it began (the file is written as it ends).
+    began = datetime.fromtimestamp(path.stat().st_mtime, timezone.utc) - timedelta(seconds=wall + 1)
+    since = began.isoformat(timespec="seconds")
+    floor_of: dict[str, float] = {}
+    cells = 0
+    for folder in sorted((output / "cells").glob("*/*")):
+        walls, count = group_seconds(folder, since)
+        if count:
+            label = f"{folder.parent.name} {folder.name}"
+            floor_of[label] = sum(walls)
+            cells += count
+    floor = sum(floor_of.values())
+    print(f"# run {path} ({len(rows)} steps, {cells} cells measured)")
+    steps: dict[str, float] = {}
+    for row in rows:
+        steps[row["step"]] = steps.get(row["step"], 0.0) + float(row["seconds"])
+    print("\n| step | minutes | share of the run |\n|---|---|---|")
+    for step, seconds in steps.items():
+        print(f"| {step} | {seconds / 60:.1f} | {seconds / wall:.0%} |")
+    print(f"| (between steps: locks, planning, tables) | {(wall - sum(steps.values())) / 60:.1f} | "
+          f"{(wall - sum(steps.values())) / wall:.0%} |")  # fmt: skip
+    print("\n| cells (model_dataset kind) | measuring minutes |\n|---|---|")
+    for label, seconds in floor_of.items():
+        print(f"| {label} | {seconds / 60:.1f} |")
+    print(
+        f"\nwall time {wall / 60:.1f} min; measured compute floor {floor / 60:.1f} min; wall / floor "
+        f"{wall / floor:.2f} (target <= {WALL_OVER_FLOOR:.2f})"
+        if floor
+        else "no cells measured in this run"
+    )
+    first = [float(row["elapsed"]) for row in rows if row["step"] == "first report"]
+    if first:
+        print(f"first report after {first[0] / 60:.1f} min = {first[0] / wall:.0%} of the wall time "
+              f"(target <= {FIRST_REPORT_SHARE:.0%})")  # fmt: skip
+    else:
+        print("no first report: nothing was left to measure after the quality results, or none was to measure")
 
 
 def main() -> None:
@@ -68,4 +132,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, help="a finished run's output directory: its budget, nothing measured")
+    arguments = parser.parse_args()
+    if arguments.run:
+        run_budget(arguments.run)
+    else:
+        main()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
+import json
 import logging
 import os
 import time
@@ -56,8 +57,9 @@ class Preset:
     ratios: list[float] = field(default_factory=lambda: list(study.DEFAULT_RATIOS))
     # Kinds that sweep context lengths, each with its own grid and protocol: kind -> parameters of its notebook
     # that differ from the preset's (e.g. methods, ratios, lengths, datasets, n_timing). An entry for "ppl" or
-    # "latency" narrows that kind's grid the same way (a model's smaller share of the timing, say).
-    sweeps: dict[str, dict] = field(default_factory=dict)
+    # "latency" narrows that kind's grid the same way (a model's smaller share of the timing, say); None leaves
+    # the kind out.
+    sweeps: dict[str, dict | None] = field(default_factory=dict)
     # Extra jobs of a kind with a grid and settings of their own: cache precisions ({"kind": ..., "kv_quant": [...],
     # grid fields}) or reading modes ({"kind": "ppl", "prefill_chunk": 128, ...}), each run by the kind's notebook
     # (executed copy `variant<i>_<notebook>`); their cells join the kind's table, labelled by precision and reading.
@@ -144,17 +146,16 @@ OFFLINE_STREAMING = {
 #   would take ~3 x SmolLM2's 43 s (the sweep's 40 cells over 1.5 h).
 # Gemma: ~24 min + its first conversion (1 min).
 #
-# The offline preset in all, from the stored cells' measured group times (summed per job; some were measured while
-# other jobs shared the machine, so this errs long): SmolLM2's perplexity 24 min, its latency on PG-19 10 min,
-# retrieval 11 min (its precision rows included), the context-length sweep 7.5 min, the other precision rows
-# ~13 min, chunked reading 3.4 min,
-# streaming ~23 min; Gemma ~25 min: about 1 h 57 min of measurement plus model loads and notebook starts, at the
-# 2-hour budget. Not yet timed end to end.
+# The offline preset in all, timed from an empty folder alone on this machine (benchmarks/offline_budget.py --run,
+# README "The whole offline run, timed"): 116 min, of which SmolLM2's perplexity 18.7, latency 10.6, retrieval 7.2,
+# streaming 29.4, the context-length sweep 11.0, its precision and reading-mode variants 17.7; Gemma's perplexity
+# 12.1, retrieval 2.3 and its decode timing 5.3, which its share now leaves out (as designed above): ~111 min.
 GEMMA3_SHARE = ModelShare(
     "gemma3-270m",
     grid={
         "ratios": [0.5],
         "sweeps": {
+            "latency": None,  # the preset's latency grid would otherwise time Gemma on both datasets (~5 min)
             "retrieval": {
                 **OFFLINE_RETRIEVAL,
                 "methods": ["snapkv", "knorm", "streaming_llm"],
@@ -370,12 +371,31 @@ def _execute(notebook: str, output: Path, parameters: dict, log: Callable[[str],
     source = NOTEBOOKS / notebook
     papermill.execute_notebook(
         str(source), str(partial), parameters=declared_parameters(source, parameters), progress_bar=False,
-        log_output=True, cwd=str(REPO), kernel_name="python3",
+        log_output=True, cwd=str(REPO), kernel_name="python3", kernel_manager_class=_local_kernel_manager(),
     )  # fmt: skip
     partial.replace(output)
     scratch.rmdir()
     log(f"  done in {time.perf_counter() - started:.1f} s")
     return output
+
+
+@functools.cache
+def _local_kernel_manager() -> type:
+    """The notebook's kernel talks to papermill over local (IPC) sockets: both run on one machine, and over TCP,
+    jupyter's default, ipykernel warns at every start that its traffic travels unencrypted."""
+    import tempfile
+    import uuid
+
+    from jupyter_client import AsyncKernelManager
+
+    class LocalKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs) -> None:
+            # The sockets are named after the connection file: a unique one in the temporary folder (without it
+            # they would be `kernel-ipc-<n>` in the working directory, shared by concurrent runs).
+            connection = Path(tempfile.gettempdir()) / f"kvlib-kernel-{uuid.uuid4().hex[:12]}.json"
+            super().__init__(transport="ipc", connection_file=str(connection), **kwargs)
+
+    return LocalKernelManager
 
 
 def _protocol_parameters(settings: study.Settings) -> dict:
@@ -476,17 +496,21 @@ def _model_jobs(
                 "warmup_times": settings.warmup_times, "n_timing": settings.n_timing}  # fmt: skip
     common |= protocol  # every notebook gets the whole protocol, so each writes the tables of the whole run
     grids = {"ppl": {}, "latency": {"methods": preset.latency_methods or preset.methods}, **preset.sweeps}
-    jobs = [(kind, grid, "") for kind, grid in grids.items()]
+    jobs = [(kind, grid, "") for kind, grid in grids.items() if grid is not None]
     jobs += [(grid["kind"], grid, f"variant{i}_") for i, grid in enumerate(preset.variants, start=1)]
     prepare, measure = [], []
     pending_of: dict[str, int] = {}
+    counted: set[tuple[str, str]] = set()  # a cell two jobs plan (a variant's baseline) is measured once: count it once
     for kind, grid, prefix in jobs:
         parameters = {**common, **{name: value for name, value in grid.items() if name != "kind"}}
         datasets = parameters.pop("datasets", preset.datasets)
         for dataset in datasets:
             kind_settings = replace(settings, dataset=dataset, **_settings_overrides(parameters))
             plans = study.plan_run(kind_settings, parameters["methods"], parameters["ratios"], [kind]).datasets
-            pending = sum(len(plan.pending[kind]) for plan in plans)
+            cells = {(plan.dataset, json.dumps(cell[-1], sort_keys=True, default=str)) for plan in plans
+                     for cell in plan.pending[kind]}  # fmt: skip
+            pending = len(cells - counted)
+            counted |= cells
             pending_of[dataset] = pending_of.get(dataset, 0) + pending
             target = executed / dataset / f"{prefix}{NOTEBOOK_OF[kind]}"
             label = f"{label_prefix}{dataset}: {target.name}"

@@ -31,21 +31,34 @@ def _format_duration(seconds: float | None) -> str:
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
 
 
-def stored_seconds_per_cell(cell_folder: Path) -> float | None:
-    """Seconds per cell of the results stored in one `<output>/cells/<model>_<dataset>/<kind>` folder, from their
-    `group_wall_time` (seconds since their group began when each was stored). A group's cells are measured
-    together (shared prefills, interleaved rounds) and stored as it ends, so they share one value: the distinct
-    values (to the second) are the groups' times, their sum the folder's time. File times cannot order them: a
-    checkout rewrites them."""
-    walls = []
+def group_seconds(cell_folder: Path, since: str = "") -> tuple[list[float], int]:
+    """The measuring time of each group of cells stored in one `<output>/cells/<model>_<dataset>/<kind>` folder,
+    and how many cells they hold. A group's cells are measured together (shared prefills, interleaved rounds) and
+    each stores `group_wall_time`, the seconds since its group began, and its group's `provenance.created_at`: a
+    group's time is its last cell's. Cells without `created_at` are grouped by their time to the second (groups
+    that store every cell as they end share one value). File times cannot order them: a checkout rewrites them.
+    since: only groups created at or after this ISO time (UTC, as `created_at`), e.g. one run's."""
+    groups: dict[str, float] = {}
+    cells = 0
     for path in cell_folder.glob("*.json"):
         try:
-            walls.append(float(json.loads(path.read_text())["group_wall_time"]))
+            cell = json.loads(path.read_text())
+            wall = float(cell["group_wall_time"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-    if not walls:
-        return None
-    return sum({round(wall) for wall in walls}) / len(walls)
+        created = (cell.get("provenance") or {}).get("created_at")
+        if since and (not created or created < since):
+            continue
+        key = created or f"{round(wall)}"
+        cells += 1
+        groups[key] = max(groups.get(key, 0.0), wall)
+    return list(groups.values()), cells
+
+
+def stored_seconds_per_cell(cell_folder: Path) -> float | None:
+    """Seconds per cell of the results stored in one cells folder (see group_seconds)."""
+    walls, cells = group_seconds(cell_folder)
+    return sum(walls) / cells if cells else None
 
 
 class StudyProgress:

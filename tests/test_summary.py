@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from kvlib.analysis import charts, report, summary
-from kvlib.progress import StudyProgress, stored_seconds_per_cell
+from kvlib.progress import StudyProgress, group_seconds, stored_seconds_per_cell
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -187,7 +187,18 @@ def write_cells(folder: Path, walls: list[float]) -> None:
 def test_stored_cells_give_seconds_per_cell_across_groups(tmp_path):
     # Two groups stored as they ended: 3 cells in 30 s, then 2 cells in 20 s.
     write_cells(tmp_path / "cells" / "m_wikitext" / "ppl", [30.0, 30.2, 29.9, 20.0, 20.1])
-    assert stored_seconds_per_cell(tmp_path / "cells" / "m_wikitext" / "ppl") == 10.0
+    # Without `created_at` a group is the cells stored in the same second, and its time its last cell's.
+    assert stored_seconds_per_cell(tmp_path / "cells" / "m_wikitext" / "ppl") == pytest.approx((30.2 + 20.1) / 5)
+
+
+def test_a_group_that_stores_its_cells_as_they_come_counts_once_at_its_last_cell(tmp_path):
+    folder = tmp_path / "cells" / "m_pg19" / "streaming"
+    folder.mkdir(parents=True)
+    for i, (wall, created) in enumerate([(100.0, "t1"), (220.0, "t1"), (340.0, "t1"), (50.0, "t2")]):
+        cell = {"group_wall_time": wall, "provenance": {"created_at": created}}
+        (folder / f"c{i}.json").write_text(json.dumps(cell))
+    assert sorted(group_seconds(folder)[0]) == [50.0, 340.0] and group_seconds(folder)[1] == 4
+    assert stored_seconds_per_cell(folder) == pytest.approx(390.0 / 4)
 
 
 def test_progress_estimates_the_time_left_from_an_earlier_run_then_counts_new_cells(tmp_path):

@@ -174,7 +174,10 @@ def test_a_third_model_is_one_preset_entry_and_the_agreement_covers_all_three(tm
         model.save_pretrained(folder)
         smollm2_tokenizer.save_pretrained(folder)
         shares.append(pipeline.ModelShare(str(folder), settings={"seed": seed}))
-    shares[2].grid = {"datasets": ["pg19"]}  # a model's share may be smaller than the others'
+    shares[2].grid = {"datasets": ["pg19"], "sweeps": {"latency": None}}  # a share may be smaller than the others'
+    # A variant plans the baseline the main grid measures too: the run's cell count holds it once.
+    shares[0].grid = {"variants": [{"kind": "ppl", "datasets": ["pg19"], "methods": ["knorm"], "ratios": [0.5],
+                                    "prefill_chunk": 64}]}  # fmt: skip
     settings = study.Settings(model="", data_dir=str(data_dir), max_length=128, max_samples=3, n_ppl=3,
                               pg19_max_chars=50_000, output_dir=str(tmp_path / "out"))  # fmt: skip
     preset = pipeline.Preset(settings, methods=["knorm", "streaming_llm", "random"], ratios=[0.5], models=shares)
@@ -182,6 +185,10 @@ def test_a_third_model_is_one_preset_entry_and_the_agreement_covers_all_three(tm
     prepare, measure, _ = pipeline.study_jobs(preset, settings, tmp_path / "out")
     assert {job.target.parent.parent.name for job in prepare} == {"tiny-gpt_neox", "tiny-llama", "tiny-gemma3"}
     assert len(prepare) == 5 and all(job.label.startswith("tiny-") for job in measure)
+    (variant,) = [job for job in measure if job.target.name.startswith("variant")]
+    assert variant.pending == 1  # knorm read in chunks; its uncompressed baseline is the main grid's
+    timed = {job.label.split("/")[0] for job in measure if job.notebook == "03_latency.ipynb"}
+    assert timed == {"tiny-gpt_neox", "tiny-llama"}  # None leaves a kind out of a model's share
     for model_preset, model_settings in pipeline.model_runs(preset, settings):
         for dataset in model_preset.datasets:
             study.run(replace(model_settings, dataset=dataset), model_preset.methods, model_preset.ratios, ["ppl"],
@@ -209,3 +216,4 @@ def test_offline_preset_compares_two_models_on_shared_ratios_and_datasets():
     assert set(gemma.ratios) <= set(smollm2.ratios) and set(gemma.datasets) == set(smollm2.datasets)
     assert gemma.methods == smollm2.methods == list(study.DEFAULT_METHODS)
     assert "scaling" not in gemma.sweeps and gemma_settings.n_ppl == smollm2_settings.n_ppl
+    assert gemma.sweeps["latency"] is None  # a press prunes 3 of its 18 layers: no decode gain to time
