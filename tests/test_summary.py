@@ -87,6 +87,20 @@ def test_speed_pays_from_the_length_where_the_gain_exceeds_the_noise_at_every_lo
     assert "noise not measured" in summary.where_speed_pays(two_lengths, "m", "pg19")
     assert "not measured" in summary.where_speed_pays(pd.DataFrame(), "m", "pg19")
     assert "other text" in summary.where_speed_pays(table, "m", "wikitext")
+    assert "not measured for other (the context-length sweep ran on m)" in summary.where_speed_pays(
+        table, "other", "pg19"
+    )
+
+
+def test_the_summary_opens_on_the_answer_that_meets_the_most_budgets():
+    fits = metrics([("snapkv", 0.5, 0.3, 0.2, 0.4, 0.5)], model="b", dataset="wikitext")
+    nothing_fits = metrics([("snapkv", 0.5, 0.3, 0.2, 0.4, 0.9)], model="a", dataset="pg19")
+    answers = summary.answers(pd.concat([nothing_fits, fits]))
+    assert [a.model for a in answers] == ["b", "a"] and summary.one_line(answers).index("b /") < 40
+    html = summary.to_html(answers)
+    model_menu, dataset_menu = html.split('data-kvlib-axis="model">')[1], html.split('data-kvlib-axis="dataset">')[1]
+    assert model_menu.startswith('<option value="b">b</option><option value="a">')
+    assert dataset_menu.startswith('<option value="wikitext">')
 
 
 def test_retrieval_and_decode_time_are_reported_where_measured():
