@@ -257,9 +257,18 @@ def write_tiny_model(output: str, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     path = Path(output)
-    with atomic_directory(path) as tmp:  # complete or absent: a killed run leaves no half-written model
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    from transformers.utils import logging as transformers_logging
+
+    # One shard of a 2-layer model: transformers' "Writing model shards" bar would be the first line of a run.
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        with atomic_directory(path) as tmp:  # complete or absent: a killed run leaves no half-written model
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()
     return path
 
 
