@@ -664,8 +664,8 @@ def _run_stages(name, preset, settings, output, log, executor, started, progress
     # Quality first, and a first report as soon as the first model's perplexity grid is stored, when anything is
     # still to measure: the answer's quality half comes long before the run ends (sequentially; Ray runs a stage's
     # notebooks at once). The first model's perplexity notebooks lead its jobs (study_jobs).
-    quality = list(itertools.takewhile(lambda job: _KIND_OF.get(job.notebook) == "ppl", measure))
-    quality = quality if executor != "ray" else []
+    leading_ppl = itertools.takewhile(lambda job: _KIND_OF.get(job.notebook) == "ppl", measure)
+    quality = list(leading_ppl) if executor != "ray" else []
     rest = [job for job in measure if job not in quality]
     early = any(job.pending for job in quality) and any(job.pending for job in rest)
     for stage, jobs in (("preparing text", prepare), ("measuring", quality), ("measuring", rest)):

@@ -230,11 +230,9 @@ def ranking_comparison(retrieval: pd.DataFrame, metrics: pd.DataFrame) -> pd.Dat
     (smallest first), and the Spearman correlation of the two rankings (1: the same order)."""
     if retrieval.empty or metrics.empty or "ppl_delta" not in metrics:
         return pd.DataFrame()
-    left = retrieval[(retrieval["length"].astype(str) == ALL) & (retrieval["method"] != "none")].copy()
-    right = metrics[(metrics["method"] != "none") & tables.default_reading(metrics)].copy()
-    for frame in (left, right):  # a press at a precision is its own row (tables before precisions: float)
-        quant = frame["kv_quant"].fillna("none") if "kv_quant" in frame else "none"
-        frame["method"] = frame["method"].where(quant == "none", frame["method"] + "+" + quant)
+    # A press at a precision is its own series on both sides (`press+precision`, as the charts name it).
+    left = charts.chart_series(retrieval[(retrieval["length"].astype(str) == ALL) & (retrieval["method"] != "none")])
+    right = charts.chart_series(metrics[(metrics["method"] != "none") & tables.default_reading(metrics)])
     right = right[["model", "dataset", "method", "compression_ratio", "ppl_delta"]]
     joined = left.merge(right, on=["model", "dataset", "method", "compression_ratio"]).dropna(subset=["ppl_delta"])
     rows = []
