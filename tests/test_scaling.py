@@ -10,7 +10,7 @@ from cli_run import run_cli
 from tiny_models import tiny_model
 
 from kvlib import load_press
-from kvlib.analysis import scaling, tables
+from kvlib.analysis import charts, scaling, tables
 from kvlib.cache import new_cache
 from kvlib.measure.memory import PeakMemory
 from kvlib.presses import SharedPrefill
@@ -169,6 +169,32 @@ def test_scaling_command_writes_one_row_per_cell_and_resumes(capsys, tiny_model_
     code, _, err = run_cli(capsys, *args)
     assert code == 0 and err.count("0 cell(s) to run, 3 already done") == 2, err
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "cells").rglob("*.json")} == cells
+
+
+def test_a_sweep_read_in_chunks_lists_its_rows_beside_the_one_pass_rows(capsys, tiny_model_dir, data_dir, tmp_path):
+    args = ["scaling", "--model", tiny_model_dir, "--data_dir", data_dir, "--output_dir", tmp_path,
+            "--lengths", "192", "256", "--methods", "streaming_llm", "--ratios", "0.5", *FAST]  # fmt: skip
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, *args, "--prefill_chunk", "64")
+    assert code == 0, err
+    assert err.count("1 cell(s) to run, 1 already done") == 2, err  # the one-pass baseline is shared
+    table = pd.read_csv(tmp_path / "tiny-gpt-neox_pg19_kv_scaling.csv")
+    keys = sorted(zip(table.method, table.prefill_chunk.fillna(0).astype(int), table.context_length, strict=True))
+    expected = [(m, c, n) for n in (192, 256) for m, c in [("none", 0), ("streaming_llm", 0), ("streaming_llm", 64)]]
+    assert keys == sorted(expected)
+    assert scaling.read_tables(tmp_path).shape[0] == 6
+    chunked = table[table.prefill_chunk.notna()]
+    assert (chunked.kept_length == chunked.context_length // 2).all() and (chunked.kv_bytes_ratio.round(2) == 0.5).all()
+    assert set(scaling.table_view(table).method) == {"none", "streaming_llm", "streaming_llm · chunks of 64"}
+    text = scaling.observations(table)
+    assert "streaming_llm · chunks of 64 at ratio 0.5, 256 tokens: the run's peak is" in text, text
+    spec = scaling.memory_chart(table).to_dict()
+    methods = {row["method"] for row in next(iter(spec["datasets"].values()))}
+    assert methods == {"none", "streaming_llm", "streaming_llm · chunks of 64"}
+    scale = spec["spec"]["layer"][0]["encoding"]["color"]["scale"]
+    colours = dict(zip(scale["domain"], scale["range"], strict=True))
+    assert colours["streaming_llm · chunks of 64"] in charts.FAMILY_COLORS["position-based eviction"]
 
 
 @pytest.mark.parametrize(

@@ -103,7 +103,9 @@ DASHES = ([1, 0], [6, 3], [2, 2], [8, 3, 2, 3], [4, 4], [1, 3], [10, 4], [3, 6],
 
 def family(method: str) -> str:
     """The family a chart groups `method` in. A method named `press+precision` (a quantised cache under an
-    eviction press) is a combination; a bare precision name (no eviction) is a precision."""
+    eviction press) is a combination; a bare precision name (no eviction) is a precision; a press read another way
+    (`snapkv · chunks of 512`, see `chart_series`) stays in its press's family."""
+    method = method.split(" · ")[0]
     for name, members in FAMILIES.items():
         if method in members:
             return name

@@ -48,6 +48,9 @@ COLUMNS = [
     "dataset",
     "method",
     "compression_ratio",
+    "prefill_chunk",
+    "positions",
+    "kv_budget",
     "context_length",
     "kept_length",
     "prefill_time",
@@ -174,6 +177,7 @@ def scaling_table(cells: list[dict]) -> pd.DataFrame:
             "method": cell["method"],
             "compression_ratio": compression_ratio,
             "kv_quant": cell.get("kv_quant", "none"),
+            **dict(zip(("prefill_chunk", "positions", "kv_budget"), tables.reading_of(cell), strict=True)),
             "context_length": length,
             "kept_length": kept_length(length, compression_ratio),
         }
@@ -197,7 +201,9 @@ def scaling_table(cells: list[dict]) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     table = pd.concat([_apply_fit(part) for _, part in table.groupby(["model", "dataset"], sort=True)])
     table = table.assign(_base=~is_baseline(table))
-    table = table.sort_values(["model", "dataset", "context_length", "_base", "method", "compression_ratio"])
+    table = table.sort_values(
+        ["model", "dataset", "context_length", "_base", "method", "compression_ratio", "prefill_chunk"]
+    )
     table = table.drop(columns="_base").reset_index(drop=True)
     for column in COLUMNS:
         if column not in table:
@@ -282,6 +288,8 @@ def fit_summary(table: pd.DataFrame) -> str:
 def observations(table: pd.DataFrame) -> str:
     """Markdown bullet points read off the scaling table: nothing in them is written by hand."""
     lines = []
+    one_pass = tables.default_reading(table)
+    table = charts.chart_series(table)  # a press read in chunks is a method of its own here
     for (model, dataset), part in table.groupby(["model", "dataset"], sort=True):
         pressed = part[~is_baseline(part) & part["tpot_speedup"].notna()]
         lengths = sorted(part["context_length"].unique())
@@ -314,7 +322,7 @@ def observations(table: pd.DataFrame) -> str:
                 f"{_range(100 * at_longest['prefill_overhead'], '+.0f')}% vs the baseline."
             )
         base = part[is_baseline(part) & (part["context_length"] == longest)]
-        top = pressed[(pressed["context_length"] == longest)]
+        top = pressed[(pressed["context_length"] == longest) & one_pass.loc[pressed.index]]
         top = top[top["compression_ratio"] == top["compression_ratio"].max()]
         if not base.empty and not top.empty:
             lines.append(
@@ -324,6 +332,7 @@ def observations(table: pd.DataFrame) -> str:
                 f"run's peak is {_range(top['peak_memory'] / 1e6, '.3g')} MB (the prefill's activations and the "
                 "full cache before pruning come first)."
             )
+        lines += _reading_lines(part, one_pass, longest)
         runs = int(part["n_timing_runs"].min())
         if runs < MIN_RUNS_FOR_SPREAD:
             # With one or two runs per cell there is no spread to flag by; the baseline's scatter about its own
@@ -348,8 +357,33 @@ def observations(table: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _reading_lines(part: pd.DataFrame, one_pass: pd.Series, length: int) -> list[str]:
+    """Per press read in chunks (`part` with chart-series methods): its peak memory and prefill time at `length`
+    against the same press and ratio read in one pass."""
+    at_length = part[part["context_length"] == length]
+    chunked = at_length[at_length["prefill_chunk"].notna()] if "prefill_chunk" in part else at_length.iloc[:0]
+    lines = []
+    for _, row in chunked.iterrows():
+        plain_name = row["method"].split(" · ")[0]
+        same = at_length[one_pass.loc[at_length.index] & (at_length["method"] == plain_name)
+                         & (at_length["compression_ratio"] == row["compression_ratio"])]  # fmt: skip
+        if same.empty:
+            continue
+        alone = same.iloc[0]
+        lines.append(
+            f"  - {row['method']} at ratio {row['compression_ratio']:g}, {length} tokens: the run's peak is "
+            f"{_mb(row['peak_memory'])} against {_mb(alone['peak_memory'])} read in one pass "
+            f"({ratio(row['peak_memory'], alone['peak_memory']):.2f} of it; the press prunes after every chunk, so no "
+            f"layer holds more than its budget and one chunk); prefill {row['prefill_time']:.3g} s against "
+            f"{alone['prefill_time']:.3g} s."
+        )
+    return lines
+
+
 def table_view(table: pd.DataFrame) -> pd.DataFrame:
-    """The columns a reader needs, formatted: one row per model, dataset, context length, method and ratio."""
+    """The columns a reader needs, formatted: one row per model, dataset, context length, method (a press read in
+    chunks is a method of its own) and ratio."""
+    table = charts.chart_series(table)
     view = pd.DataFrame(
         {
             "model": table["model"].map(_name),
@@ -414,6 +448,7 @@ SMALL_PANEL = (240, 200)
 def speedup_chart(table: pd.DataFrame, panel: tuple[int, int] = SMALL_PANEL) -> alt.Chart:
     """TPOT speedup vs context length, one panel per compression ratio, one line per press; the bound
     fit(n) / fit(kept) dashed black, 1.0 (no gain) grey."""
+    table = charts.chart_series(table)  # a press read in chunks is a line of its own
     data = _by_ratio(table)
     selection = charts._methods_selection()
     tooltip = [
@@ -461,6 +496,7 @@ def memory_frame(table: pd.DataFrame) -> pd.DataFrame:
 def memory_chart(table: pd.DataFrame, panel: tuple[int, int] = SMALL_PANEL) -> alt.Chart:
     """KV cache bytes after prefill and the run's peak memory vs context length, per ratio (rows: quantity);
     the baseline dashed black in every panel."""
+    table = charts.chart_series(table)  # a press read in chunks is a line of its own
     data = memory_frame(table)
     selection = charts._methods_selection()
     x = _length_x(table)
@@ -502,6 +538,7 @@ def memory_chart(table: pd.DataFrame, panel: tuple[int, int] = SMALL_PANEL) -> a
 
 def prefill_chart(table: pd.DataFrame, panel: tuple[int, int] = SMALL_PANEL) -> alt.Chart:
     """Prefill time under the press relative to the baseline's (% extra) vs context length, per ratio."""
+    table = charts.chart_series(table)  # a press read in chunks is a line of its own
     data = _by_ratio(table).assign(overhead_percent=lambda d: 100 * d["prefill_overhead"])
     selection = charts._methods_selection()
     x = _length_x(table)

@@ -162,6 +162,9 @@ SCALING = (
     *_ROW,
     Column("context_length", INTEGER, empty_ok=False, minimum=1),
     Column("kept_length", INTEGER, empty_ok=False, minimum=0),
+    Column("prefill_chunk", INTEGER, required=False, minimum=1),  # empty: one forward pass
+    Column("positions", TEXT, required=False),
+    Column("kv_budget", INTEGER, required=False, minimum=1),
     Column("prefill_time", empty_ok=False, minimum=0),
     Column("tpot", empty_ok=False, minimum=0),
     Column("baseline_prefill_time", minimum=0),

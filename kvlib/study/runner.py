@@ -203,7 +203,8 @@ def write_tables(settings: Settings, model_id: dict, plans: list[DatasetPlan], k
             chosen = []
             for plan in plans:
                 if plan.dataset == dataset and kind in plan.pending:
-                    chosen += table_cells(at_length(settings, plan.length), model_id, plan, (kind,))
+                    side_by_side = getattr(KINDS[kind], "READINGS_SIDE_BY_SIDE", False)
+                    chosen += table_cells(at_length(settings, plan.length), model_id, plan, (kind,), side_by_side)
             paths = tables.table_paths(settings.output_dir, settings.model, dataset, kind)
             written += tables.write_table(tables.kind_table(kind, chosen), paths["csv"], paths["json"])
             with atomic_write(paths["records"]) as handle:
