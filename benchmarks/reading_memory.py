@@ -15,12 +15,20 @@ Part 2: StreamingLLM (4 sinks + window, re-rotated) against the re-computation r
 interleaved. Part 3: the same StreamingLLM reading 8k, 16k and 32k tokens in chunks of 512 into 1024 positions:
 peak memory growth should stay flat and time grow linearly with the text (seconds per 1k tokens).
 
+The process's peak growth depends on the C allocator as much as on the tensors. glibc's default malloc raises its
+mmap threshold (up to 32 MB) each time a large block is freed, after which large tensors come from the heap, and
+memory freed there mid-forward stays resident: the RSS then holds the high-water mark of a fragmented heap, not the
+tensors alive at the peak. Run it again with `MALLOC_TRIM_THRESHOLD_=0` (the threshold fixed at glibc's 128 KiB,
+the heap's free top handed back at once) to see the peak the tensors themselves reach; the first line says which
+allocator setting the run had.
+
 Run it alone on the machine: a second busy process slows torch's threads many times over.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -66,11 +74,12 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="*", default=[4096, 8192, 16384], help="none: skip part 1")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per length")
     parser.add_argument("--rounds_longest", type=int, default=1, help="timed rounds at the longest length")
-    parser.add_argument("--stream", type=int, nargs="+", default=[8192, 16384, 32768])
+    parser.add_argument("--stream", type=int, nargs="*", default=[8192, 16384, 32768], help="none: skip part 3")
     parser.add_argument("--versus", type=int, default=8192, help="tokens of part 2 (0: skip it)")
     args = parser.parse_args()
 
     print(machine_line())
+    print(f"allocator: {allocator_line()}")
     model, tokenizer = models.load_model("smollm2", device="cpu", dtype="float32")
     print(f"\n## One-shot vs chunked prefill (SmolLM2-135M, PG-19, chunk {CHUNK}, ratio {RATIO}, last logit only)\n")
     print("| tokens | config | peak memory growth MB (IQR) | time s (IQR) | memory vs one-shot | time vs one-shot |")
@@ -100,7 +109,16 @@ def main() -> None:
 
     if args.versus:
         versus(model, tokenizer, args.versus, args.rounds)
-    stream(model, tokenizer, args.stream)
+    if args.stream:
+        stream(model, tokenizer, args.stream)
+
+
+def allocator_line() -> str:
+    """The C allocator settings this process started with (glibc reads its MALLOC_*_ variables at start)."""
+    tuned = {name: value for name, value in os.environ.items() if name.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    if not tuned:
+        return "the C library's defaults (glibc: dynamic mmap threshold; freed heap memory may stay resident)"
+    return ", ".join(f"{name}={value}" for name, value in sorted(tuned.items()))
 
 
 def versus(model, tokenizer, tokens: int, rounds: int) -> None:

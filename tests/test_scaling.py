@@ -189,6 +189,7 @@ def test_a_sweep_read_in_chunks_lists_its_rows_beside_the_one_pass_rows(capsys, 
     assert set(scaling.table_view(table).method) == {"none", "streaming_llm", "streaming_llm · chunks of 64"}
     text = scaling.observations(table)
     assert "streaming_llm · chunks of 64 at ratio 0.5, 256 tokens: the run's peak is" in text, text
+    assert "for the uncompressed prefill in one pass timed beside it" in text and "Read in one pass," in text
     spec = scaling.memory_chart(table).to_dict()
     methods = {row["method"] for row in next(iter(spec["datasets"].values()))}
     assert methods == {"none", "streaming_llm", "streaming_llm · chunks of 64"}

@@ -7,7 +7,11 @@ RSS at the start. Memory an earlier span freed but the allocator kept would be r
 (hiding what this span needs), so on glibc the span starts by handing freed memory back to the system
 (`malloc_trim(0)`, before any timing starts); every run starts alike, so runs compare fairly. Caveats: a peak
 shorter than the interval can be missed, and without glibc the figure is a lower bound. Where /proc is missing
-the peak is NaN.
+the peak is NaN. Inside the span glibc's defaults keep memory that large temporaries freed resident (its mmap
+threshold rises after each large free, so later ones come from the heap), so a CPU peak is the heap's high-water
+mark, above what the tensors alive at that moment hold; started with `MALLOC_TRIM_THRESHOLD_=0` in the
+environment, a process hands freed memory back at once and its peaks follow the tensors, at some cost in time
+(`benchmarks/reading_memory.py` measures both).
 """
 
 from __future__ import annotations
