@@ -522,6 +522,9 @@ def memory_chart(table: pd.DataFrame, panel: tuple[int, int] = SMALL_PANEL) -> a
         .encode(x=x, y=y, tooltip=tooltip)
     )
     data["row_label"] = data["quantity"] if data["panel"].nunique() < 2 else data["panel"] + " · " + data["quantity"]
+    subtitle = ["dashed black: no compression · peak: how far a run grew the process (CPU: RSS above its start)"]
+    if "prefill_chunk" in table and table["prefill_chunk"].notna().any():
+        subtitle.append("'chunks of N': the prompt read N tokens at a time, the press pruning after every chunk")
     chart = alt.layer(charts._dim(pressed, selection).add_params(selection), base, data=data)
     header = alt.Header(labelFontSize=12, labelFontWeight="bold", labelAngle=0)
     return (
@@ -530,10 +533,7 @@ def memory_chart(table: pd.DataFrame, panel: tuple[int, int] = SMALL_PANEL) -> a
                row=alt.Row("row_label:N", title=None, header=alt.Header(labelFontSize=12, labelFontWeight="bold")))
         .resolve_scale(y="independent")
         .properties(
-            title=charts._title(
-                "Memory vs context length",
-                "dashed black: no compression · peak: how far a run grew the process (CPU: RSS above its start)",
-            )
+            title=charts._title("Memory vs context length", subtitle)
         )
     )  # fmt: skip
 
