@@ -149,7 +149,8 @@ OFFLINE_STREAMING = {
 # The offline preset in all, timed from an empty folder alone on this machine (benchmarks/offline_budget.py --run,
 # README "The whole offline run, timed"): 116 min, of which SmolLM2's perplexity 18.7, latency 10.6, retrieval 7.2,
 # streaming 29.4, the context-length sweep 11.0, its precision and reading-mode variants 17.7; Gemma's perplexity
-# 12.1, retrieval 2.3 and its decode timing 5.3, which its share now leaves out (as designed above): ~111 min.
+# 12.1, retrieval 2.3 and its decode timing 5.3, which its share now leaves out (as designed above): ~111 min;
+# with the chunked context-length sweep added since (SMOLLM2_CHUNKED_SCALING, ~3 min): ~114 min.
 GEMMA3_SHARE = ModelShare(
     "gemma3-270m",
     grid={
