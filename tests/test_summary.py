@@ -92,6 +92,15 @@ def test_speed_pays_from_the_length_where_the_gain_exceeds_the_noise_at_every_lo
     )
 
 
+def test_speed_pays_reads_a_press_in_chunks_as_a_series_of_its_own():
+    # One pass never gains; read in chunks of 512 the press gains at every length. Grouped with its one-pass rows
+    # it would gain or not depending on which row of a length came last.
+    one_pass = scaling_rows({1024: 1.0, 2048: 1.0, 4096: 1.0}).assign(prefill_chunk=math.nan)
+    chunked = one_pass[one_pass.method == "snapkv"].assign(prefill_chunk=512, tpot_speedup=1.5)
+    sentence = summary.where_speed_pays(pd.concat([one_pass, chunked], ignore_index=True), "m", "pg19")
+    assert "from 1024 tokens on, snapkv · chunks of 512 at ratio 0.5" in sentence, sentence
+
+
 def test_the_summary_opens_on_the_answer_that_meets_the_most_budgets():
     fits = metrics([("snapkv", 0.5, 0.3, 0.2, 0.4, 0.5)], model="b", dataset="wikitext")
     nothing_fits = metrics([("snapkv", 0.5, 0.3, 0.2, 0.4, 0.9)], model="a", dataset="pg19")

@@ -56,9 +56,8 @@ def chart_series(table: pd.DataFrame) -> pd.DataFrame:
     """The table with one chart series per configuration in `method`: a press at a quantized precision becomes
     `press+precision` (a combination), the uncompressed cache at one becomes the precision's name, and only the
     float baseline stays `none` — so lines never join rows of two precisions."""
-    if "kv_quant" not in table:
-        return table
-    precision = table["kv_quant"].fillna("none").astype(str)
+    precision = (table["kv_quant"] if "kv_quant" in table else pd.Series("none", index=table.index)).fillna("none")
+    precision = precision.astype(str)
     method = table["method"].where(precision == "none", table["method"] + "+" + precision)
     method = method.where((table["method"] != "none") | (precision == "none"), precision)
     # A press read another way (chunked, re-rotated, an absolute budget) is a series of its own, too.

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kvlib.analysis import tables
+from kvlib.analysis import charts, tables
 from kvlib.files import slug
 
 BUDGETS = (0.75, 0.50, 0.25, 0.15)  # fractions of the baseline's KV bytes
@@ -212,6 +212,7 @@ def where_speed_pays(scaling: pd.DataFrame, model: str, dataset: str) -> str:
         return f"Where speed pays: not measured on {dataset} (the context-length sweep ran on other text)."
     noise = _relative_noise(part)
     lengths = sorted(int(n) for n in part["context_length"].unique())
+    part = charts.chart_series(part)  # a press read in chunks is a series of its own, not more rows of the press
     pressed = part[(part["method"] != "none") & part["tpot_speedup"].notna()]
     margin = 0.0 if math.isnan(noise) else noise
     found = []  # (from length, -speedup at the longest, label, speedup at the longest)
