@@ -52,6 +52,9 @@ def metric_label(metric: str) -> str:
 # ---------------------------------------------------------------------------------------------------- helpers
 
 
+READING = " · "  # joins a series' press to how it read the prefix (`snapkv · chunks of 512`)
+
+
 def chart_series(table: pd.DataFrame) -> pd.DataFrame:
     """The table with one chart series per configuration in `method`: a press at a quantized precision becomes
     `press+precision` (a combination), the uncompressed cache at one becomes the precision's name, and only the
@@ -63,13 +66,18 @@ def chart_series(table: pd.DataFrame) -> pd.DataFrame:
     # A press read another way (chunked, re-rotated, an absolute budget) is a series of its own, too.
     if "prefill_chunk" in table:
         chunk = table["prefill_chunk"]
-        method = method.where(chunk.isna(), method + " · chunks of " + chunk.fillna(0).astype(int).astype(str))
+        method = method.where(chunk.isna(), method + READING + "chunks of " + chunk.fillna(0).astype(int).astype(str))
     if "positions" in table:
-        method = method.where(table["positions"].fillna("original") == "original", method + " · re-rotated")
+        method = method.where(table["positions"].fillna("original") == "original", method + READING + "re-rotated")
     if "kv_budget" in table:
         budget = table["kv_budget"]
-        method = method.where(budget.isna(), method + " · " + budget.fillna(0).astype(int).astype(str) + " kept")
+        method = method.where(budget.isna(), method + READING + budget.fillna(0).astype(int).astype(str) + " kept")
     return table.assign(method=method)
+
+
+def series_press(series: str) -> str:
+    """The press (or `press+precision`) of a `chart_series` name, without its reading mode."""
+    return series.split(READING)[0]
 
 
 def _methods(table: pd.DataFrame) -> list[str]:
@@ -104,7 +112,7 @@ def family(method: str) -> str:
     """The family a chart groups `method` in. A method named `press+precision` (a quantised cache under an
     eviction press) is a combination; a bare precision name (no eviction) is a precision; a press read another way
     (`snapkv · chunks of 512`, see `chart_series`) stays in its press's family."""
-    method = method.split(" · ")[0]
+    method = series_press(method)
     for name, members in FAMILIES.items():
         if method in members:
             return name

@@ -372,7 +372,7 @@ def _reading_lines(part: pd.DataFrame, one_pass: pd.Series, length: int) -> list
             f"press prunes after every chunk, so no layer holds more than its budget and one chunk); prefill "
             f"{row['prefill_time']:.3g} s against {row['baseline_prefill_time']:.3g} s."
         )
-        plain_name = row["method"].split(" · ")[0]
+        plain_name = charts.series_press(row["method"])
         same = at_length[one_pass.loc[at_length.index] & (at_length["method"] == plain_name)
                          & (at_length["compression_ratio"] == row["compression_ratio"])]  # fmt: skip
         if not same.empty:

@@ -199,11 +199,11 @@ def write_tables(settings: Settings, model_id: dict, plans: list[DatasetPlan], k
     for kind in kinds:
         if kind in tables.METRIC_KINDS:
             continue
+        side_by_side = getattr(KINDS[kind], "READINGS_SIDE_BY_SIDE", False)
         for dataset in dict.fromkeys(plan.dataset for plan in plans):
             chosen = []
             for plan in plans:
                 if plan.dataset == dataset and kind in plan.pending:
-                    side_by_side = getattr(KINDS[kind], "READINGS_SIDE_BY_SIDE", False)
                     chosen += table_cells(at_length(settings, plan.length), model_id, plan, (kind,), side_by_side)
             paths = tables.table_paths(settings.output_dir, settings.model, dataset, kind)
             written += tables.write_table(tables.kind_table(kind, chosen), paths["csv"], paths["json"])
